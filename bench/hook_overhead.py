@@ -1,0 +1,80 @@
+"""Hook overhead: images/s of encode_image with and without capturing 4 sites, side by side.
+
+Prints one row per model (tiny ResNet, tiny ViT; the organism when its weights
+exist): throughput without hooks, with ``capture`` of 4 sites, and their ratio.
+Repeats are interleaved so that machine noise hits both arms alike; the median
+of the repeats is reported. Goal: overhead under 10% (ratio >= 0.90).
+
+    python bench/hook_overhead.py [--batch 64] [--repeats 7] [--device auto]
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import time
+
+import torch
+
+import clipscope
+
+
+def four_sites(model: clipscope.ClipModel) -> list[str]:
+    """Four sites spread through the image tower (residual blocks / stages)."""
+    block = re.compile(r"^visual\.(layer\d+\.\d+|transformer\.resblocks\.\d+|encoder\.layers\.\d+)$")
+    names = model.layers().names()
+    blocks = [n for n in names if block.match(n)]
+    picks = list(dict.fromkeys(blocks[int(i * (len(blocks) - 1) / 3)] for i in range(4)))
+    hidden = [n for n in names if n.startswith("visual.") and n.endswith((".mlp.c_fc", ".mlp.fc1"))]
+    return (picks + [n for n in hidden if n not in picks])[:4]  # small towers: fill with MLP hidden layers
+
+
+def images_per_second(model: clipscope.ClipModel, x: torch.Tensor, sites: list[str] | None) -> float:
+    def sync():
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+    with torch.no_grad():
+        sync()
+        start = time.perf_counter()
+        if sites:
+            with model.capture(sites):
+                model.encode_image(x)
+        else:
+            model.encode_image(x)
+        sync()
+    return x.shape[0] / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    names = ["clipscope-tiny-rn", "clipscope-tiny-vit"]
+    try:
+        clipscope.load("organism")
+        names.append("organism")
+    except clipscope.WeightsNotAvailableError:
+        pass
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}, "
+          f"median of {args.repeats} interleaved repeats")
+    print(f"{'model':<22}{'plain img/s':>13}{'4 sites img/s':>15}{'ratio':>8}  sites")
+    for name in names:
+        model = clipscope.load(name, device=args.device)
+        sites = four_sites(model)
+        torch.manual_seed(0)
+        x = torch.randn(args.batch, 3, *model.image_size, device=model.device, dtype=model.dtype)
+        for _ in range(2):  # warm-up
+            images_per_second(model, x, None)
+            images_per_second(model, x, sites)
+        plain, hooked = [], []
+        for _ in range(args.repeats):
+            plain.append(images_per_second(model, x, None))
+            hooked.append(images_per_second(model, x, sites))
+        p, h = statistics.median(plain), statistics.median(hooked)
+        print(f"{name:<22}{p:>13.1f}{h:>15.1f}{h / p:>8.3f}  {', '.join(sites)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Image loading shared by every capability: one place that turns the many ways
+users hold images (PIL images, paths, bytes, arrays, folders, ``datasets``
+tables) into RGB PIL images, skipping and counting the unreadable ones.
+"""
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+#: File suffixes treated as images when a folder is given.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+ImageLike = Union[Image.Image, str, os.PathLike, bytes, np.ndarray, torch.Tensor]
+
+
+class ImageLoadError(ValueError):
+    """An image could not be read. ``skipped`` lists ``(key, reason)`` pairs."""
+
+    def __init__(self, message: str, skipped: Sequence[tuple[Any, str]] = ()):
+        super().__init__(message)
+        self.skipped = list(skipped)
+
+
+def load_image(item: ImageLike) -> Image.Image | torch.Tensor:
+    """Return ``item`` as an RGB PIL image, or as a ``(3, H, W)`` tensor if it already is one.
+
+    Accepts a PIL image (any mode: greyscale, RGBA, CMYK, palette), a file path,
+    encoded image bytes, an ``(H, W)`` / ``(H, W, C)`` uint8 array, or a
+    ``datasets`` image dict (``{"bytes": ..., "path": ...}``).
+    Raises :class:`ImageLoadError` naming the problem.
+    """
+    if isinstance(item, Image.Image):
+        return _to_rgb(item)
+    if isinstance(item, torch.Tensor):
+        if item.ndim != 3 or item.shape[0] != 3:
+            raise ImageLoadError(f"a tensor image must be (3, H, W); got shape {tuple(item.shape)}")
+        return item
+    if isinstance(item, dict) and ("bytes" in item or "path" in item):
+        if item.get("bytes"):
+            return load_image(item["bytes"])
+        return load_image(item["path"])
+    if isinstance(item, (bytes, bytearray)):
+        try:
+            with Image.open(io.BytesIO(item)) as im:
+                im.load()
+                return _to_rgb(im)
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise ImageLoadError(f"bytes are not a decodable image ({exc})") from None
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8 or item.ndim not in (2, 3):
+            raise ImageLoadError(f"an array image must be uint8 (H, W) or (H, W, C); got {item.dtype} {item.shape}")
+        return _to_rgb(Image.fromarray(item))
+    if isinstance(item, (str, os.PathLike)):
+        path = Path(item)
+        if not path.is_file():
+            raise ImageLoadError(f"no such image file: {str(path)!r}")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return _to_rgb(im)
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise ImageLoadError(f"cannot read image {str(path)!r} ({exc})") from None
+    raise ImageLoadError(
+        f"unsupported image type {type(item).__name__}; expected PIL image, path, bytes, uint8 array or (3,H,W) tensor"
+    )
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im.copy()
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def list_image_files(folder: str | os.PathLike) -> list[Path]:
+    """Return the image files under ``folder`` (recursively), sorted by path."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such folder: {str(root)!r}")
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _image_column(dataset: Any) -> str:
+    features = getattr(dataset, "features", None) or {}
+    for name, feature in features.items():
+        if type(feature).__name__ == "Image":
+            return name
+    for name in ("image", "img", "file", "path"):
+        if name in features:
+            return name
+    raise ValueError(f"cannot find an image column in the data set; columns: {list(features)}")
+
+
+def iter_images(source: Any) -> Iterator[tuple[Any, Image.Image | torch.Tensor | ImageLoadError]]:
+    """Yield ``(key, image_or_error)`` for every item of ``source``, never raising for one bad item.
+
+    ``source`` may be a single image-like item, a folder path, a sequence of
+    image-like items, a ``(N, 3, H, W)`` tensor, or a ``datasets.Dataset`` /
+    ``IterableDataset`` (its image column is found from the features). The key is
+    the item's position, or its path for folders.
+    """
+    if isinstance(source, torch.Tensor) and source.ndim == 4:
+        for i in range(source.shape[0]):
+            yield i, source[i]
+        return
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        for path in list_image_files(source):
+            yield str(path), _load_or_error(path)
+        return
+    if isinstance(source, (Image.Image, str, os.PathLike, bytes, np.ndarray, torch.Tensor)):
+        yield 0, _load_or_error(source)
+        return
+    if hasattr(source, "features") and hasattr(source, "__iter__"):
+        column = _image_column(source)
+        for i, row in enumerate(source):
+            yield i, _load_or_error(row[column])
+        return
+    if isinstance(source, Iterable):
+        for i, item in enumerate(source):
+            yield i, _load_or_error(item)
+        return
+    raise TypeError(f"cannot read images from a {type(source).__name__}")
+
+
+def _load_or_error(item: Any) -> Image.Image | torch.Tensor | ImageLoadError:
+    try:
+        return load_image(item)
+    except ImageLoadError as exc:
+        return exc
+
+
+def source_length(source: Any) -> int | None:
+    """Return the number of images ``source`` holds, or ``None`` when unknown (streams)."""
+    if isinstance(source, torch.Tensor):
+        return source.shape[0] if source.ndim == 4 else 1
+    if isinstance(source, (Image.Image, bytes, np.ndarray)):
+        return 1
+    if isinstance(source, (str, os.PathLike)):
+        return len(list_image_files(source)) if Path(source).is_dir() else 1
+    try:
+        return len(source)
+    except TypeError:
+        return None
+
+
+@dataclass
+class EmbeddedImages:
+    """Image embeddings of a data set, with what had to be skipped.
+
+    ``embeddings`` is a float32 CPU tensor ``(n_ok, dim)``; row ``i`` belongs to
+    the item ``keys[i]``. ``skipped`` lists ``(key, reason)`` for unreadable items.
+    """
+
+    embeddings: torch.Tensor
+    keys: list[Any]
+    skipped: list[tuple[Any, str]] = field(default_factory=list)
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.skipped)
+
+    def __len__(self) -> int:
+        return len(self.keys)

@@ -1,0 +1,461 @@
+"""Named activation sites of both CLIP towers, unit addressing, capture and ablation.
+
+Every module of the image and text towers whose forward returns a tensor is a
+*site*, named after its place in the module tree with a tower prefix:
+``visual.layer4.5`` (a ResNet block's output), ``visual.transformer.resblocks.11.mlp.c_fc``,
+``text.transformer.resblocks.3``. Activation modules that ReLU in place also get
+an input site with the suffix ``.pre``: ``visual.layer4.5.act3.pre`` is a ResNet
+bottleneck's residual sum *before* its final ReLU (open_clip's blocks apply
+``ReLU(inplace=True)``, so the value is cloned before the ReLU overwrites it).
+
+Activations are always handed out in one canonical, batch-first layout, whatever
+the module produced:
+
+- ``"conv"``: ``(B, C, H, W)`` (ResNet feature maps);
+- ``"tokens"``: ``(B, L, D)`` (transformer residual streams; models that run
+  their transformer sequence-first are transposed here, once);
+- ``"vector"``: ``(B, D)`` (pooled embeddings, projections).
+
+A :class:`Unit` names a site plus an index into it, and reads or ablates itself
+the same way for every layout, so objectives and dataset-example mining need no
+per-architecture code.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+Layout = Literal["conv", "tokens", "vector"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """One hookable place in a model.
+
+    ``shape`` is the per-example activation shape in the canonical layout
+    (``(C, H, W)``, ``(L, D)`` or ``(D,)``). ``point`` is ``"output"`` for a
+    module's output or ``"input"`` for its first input (``.pre`` sites).
+    ``seq_first`` records that the module itself emits ``(L, B, D)``.
+    """
+
+    name: str
+    module: str
+    tower: Literal["visual", "text"]
+    point: Literal["output", "input"]
+    layout: Layout
+    shape: tuple[int, ...]
+    module_type: str
+    seq_first: bool = False
+
+    @property
+    def n_units(self) -> int:
+        """Number of channels (``conv``) or features (``tokens``/``vector``)."""
+        return self.shape[0] if self.layout == "conv" else self.shape[-1]
+
+    def canonical(self, raw: torch.Tensor) -> torch.Tensor:
+        """Return ``raw`` (as the module emitted it) as a batch-first view."""
+        return raw.transpose(0, 1) if self.seq_first else raw
+
+
+@dataclass(frozen=True, eq=False)
+class Unit:
+    """A site plus an index: what objectives read, mining ranks and ablation zeroes.
+
+    - ``index``: channel (``conv``) or feature/neuron (``tokens``, ``vector``).
+    - ``token``: token position (``tokens`` only). ``None`` means all tokens.
+    - ``position``: ``(y, x)`` spatial position (``conv`` only). ``None`` means all positions.
+    - ``direction``: a vector over the channels/features, used instead of ``index``.
+
+    Build units with the class methods :meth:`channel`, :meth:`neuron`,
+    :meth:`token_at` and :meth:`along`.
+    """
+
+    site: str
+    index: int | None = None
+    token: int | None = None
+    position: tuple[int, int] | None = None
+    direction: torch.Tensor | None = None
+
+    @classmethod
+    def channel(cls, site: str, index: int, position: tuple[int, int] | None = None) -> "Unit":
+        """A conv channel, optionally at one spatial position ``(y, x)``."""
+        return cls(site, index=index, position=position)
+
+    @classmethod
+    def neuron(cls, site: str, index: int, token: int | None = None) -> "Unit":
+        """A feature of a token or vector site, optionally at one token."""
+        return cls(site, index=index, token=token)
+
+    @classmethod
+    def token_at(cls, site: str, token: int) -> "Unit":
+        """A whole token (all features at one position) of a ``tokens`` site."""
+        return cls(site, token=token)
+
+    @classmethod
+    def along(cls, site: str, direction: torch.Tensor, token: int | None = None,
+              position: tuple[int, int] | None = None) -> "Unit":
+        """A direction vector in a site's channel/feature space."""
+        return cls(site, direction=torch.as_tensor(direction, dtype=torch.float32).flatten(),
+                   token=token, position=position)
+
+    def __repr__(self) -> str:
+        parts = [repr(self.site)]
+        if self.index is not None:
+            parts.append(f"index={self.index}")
+        if self.direction is not None:
+            parts.append(f"direction=<{self.direction.numel()}-d>")
+        if self.token is not None:
+            parts.append(f"token={self.token}")
+        if self.position is not None:
+            parts.append(f"position={self.position}")
+        return f"Unit({', '.join(parts)})"
+
+    # -- validation ---------------------------------------------------------------
+    def check(self, site: Site) -> None:
+        """Raise ``ValueError`` naming the bad field and its valid range if the unit does not fit ``site``."""
+        if self.index is not None and self.direction is not None:
+            raise ValueError(f"{self!r}: give an index or a direction, not both")
+        if self.index is not None and not 0 <= self.index < site.n_units:
+            kind = "channels" if site.layout == "conv" else "features"
+            raise ValueError(f"unit index {self.index} is out of range for {site.name!r} with "
+                             f"{site.n_units} {kind} (valid: 0..{site.n_units - 1})")
+        if self.direction is not None and self.direction.numel() != site.n_units:
+            raise ValueError(f"direction has {self.direction.numel()} entries but {site.name!r} has "
+                             f"{site.n_units} {'channels' if site.layout == 'conv' else 'features'}")
+        if self.token is not None:
+            if site.layout != "tokens":
+                raise ValueError(f"token= needs a tokens site; {site.name!r} has layout {site.layout!r}")
+            if not -site.shape[0] <= self.token < site.shape[0]:
+                raise ValueError(f"token {self.token} is out of range for {site.name!r} with {site.shape[0]} tokens")
+        if self.position is not None:
+            if site.layout != "conv":
+                raise ValueError(f"position= needs a conv site; {site.name!r} has layout {site.layout!r}")
+            y, x = self.position
+            _, h, w = site.shape
+            if not (0 <= y < h and 0 <= x < w):
+                raise ValueError(f"position {self.position} is outside {site.name!r}'s {h}x{w} grid")
+        if self.index is None and self.direction is None and self.token is None and self.position is None:
+            raise ValueError(f"{self!r} selects nothing: give index, direction, token or position")
+
+    # -- reading ------------------------------------------------------------------
+    def _selector(self, layout: Layout) -> list[Any]:
+        """Index into the feature-last view that picks this unit's token/position."""
+        where: list[Any] = [slice(None)] * (4 if layout == "conv" else 3 if layout == "tokens" else 2)
+        if self.position is not None:
+            where[1], where[2] = self.position
+        if self.token is not None:
+            where[1] = self.token
+        return where
+
+    def activation_map(self, acts: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """Return this unit's value at every position: ``(B, H, W)`` for conv, ``(B, L)`` for tokens, ``(B,)`` for vectors.
+
+        ``token`` and ``position`` are ignored here (the map covers all of them).
+        A whole-token or whole-position unit (no index, no direction) reads as the L2 norm.
+        """
+        view = feature_last(acts, layout)
+        if self.index is not None:
+            return view[..., self.index]
+        if self.direction is not None:
+            return view @ self.direction.to(view.device, view.dtype)
+        return view.norm(dim=-1)
+
+    def read(self, acts: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """Return one value per example, shape ``(B,)``, in the site's own units.
+
+        At a given ``token``/``position`` the value there; otherwise the mean over
+        all tokens or spatial positions.
+        """
+        values = self.activation_map(acts, layout)
+        if self.position is not None:
+            return values[:, self.position[0], self.position[1]]
+        if self.token is not None:
+            return values[:, self.token]
+        return values.flatten(1).mean(dim=1) if values.ndim > 1 else values
+
+    # -- ablation -----------------------------------------------------------------
+    def ablate_(self, acts: torch.Tensor, layout: Layout, value: float | torch.Tensor = 0.0) -> None:
+        """Set this unit in ``acts`` (canonical layout, modified in place) to ``value``.
+
+        For a direction, the component along the (normalized) direction is set to
+        ``value``; everything orthogonal to it is kept.
+        """
+        view = feature_last(acts, layout)
+        where = self._selector(layout)
+        if self.direction is not None:
+            d = self.direction.to(view.device, view.dtype)
+            d = d / d.norm()
+            region = view[tuple(where)]
+            coef = region @ d
+            view[tuple(where)] = region - (coef - value).unsqueeze(-1) * d
+            return
+        if self.index is not None:
+            where[-1] = self.index
+        view[tuple(where)] = value
+
+
+def feature_last(acts: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Return a view of canonical ``acts`` with the channel/feature axis last (conv: ``(B, H, W, C)``)."""
+    return acts.movedim(1, -1) if layout == "conv" else acts
+
+
+# ----------------------------------------------------------------------------------
+# Site discovery
+
+
+_ACTIVATIONS = (nn.ReLU,)
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if hasattr(output, "last_hidden_state") and isinstance(output.last_hidden_state, torch.Tensor):
+        return output.last_hidden_state
+    return None
+
+
+def _classify(shape: tuple[int, ...], batch: int) -> tuple[Layout, tuple[int, ...], bool] | None:
+    """Return (layout, per-example canonical shape, seq_first) for a raw activation shape."""
+    if len(shape) == 4 and shape[0] == batch:
+        return "conv", tuple(shape[1:]), False
+    if len(shape) == 3 and shape[0] == batch:
+        return "tokens", tuple(shape[1:]), False
+    if len(shape) == 3 and shape[1] == batch:
+        return "tokens", (shape[0], shape[2]), True
+    if len(shape) == 2 and shape[0] == batch:
+        return "vector", (shape[1],), False
+    return None
+
+
+@dataclass(frozen=True)
+class Tower:
+    """How to find one tower's sites: ``prefixes`` maps module-path prefixes to site-name
+    prefixes (``{"visual": "visual"}``; ``{"": "text."}`` claims every module no earlier
+    tower claimed), and ``run(batch)`` runs the tower on a dummy batch of ``batch`` examples."""
+
+    name: Literal["visual", "text"]
+    prefixes: Mapping[str, str]
+    run: Callable[[int], Any]
+
+    def site_name(self, module_name: str) -> str | None:
+        for module_prefix, site_prefix in self.prefixes.items():
+            if module_name.startswith(module_prefix):
+                return site_prefix + module_name[len(module_prefix):]
+        return None
+
+
+def discover_sites(root: nn.Module, towers: Sequence[Tower]) -> dict[str, Site]:
+    """Find every site by running each tower once on a dummy batch, recording output shapes."""
+    batch = 3  # differs from every token count a CLIP tower produces (1 + g*g, context length)
+    named = [(n, m) for n, m in root.named_modules() if n]
+    claimed: set[str] = set()
+    sites: dict[str, Site] = {}
+    for tower in towers:
+        members = []
+        for n, m in named:
+            site_name = None if n in claimed else tower.site_name(n)
+            if site_name is not None:
+                members.append((n, site_name, m))
+                claimed.add(n)
+        found: dict[str, tuple[str, str, nn.Module, str, torch.Size]] = {}
+        handles = []
+
+        def make_out(name: str, site_name: str, module: nn.Module):
+            def hook(_m, _inp, out):
+                t = _first_tensor(out)
+                if t is not None and site_name not in found:
+                    found[site_name] = (name, site_name, module, "output", t.shape)
+            return hook
+
+        def make_in(name: str, site_name: str, module: nn.Module):
+            def hook(_m, inp):
+                key = site_name + ".pre"
+                if inp and isinstance(inp[0], torch.Tensor) and key not in found:
+                    found[key] = (name, key, module, "input", inp[0].shape)
+            return hook
+
+        for name, site_name, module in members:
+            handles.append(module.register_forward_hook(make_out(name, site_name, module)))
+            if isinstance(module, _ACTIVATIONS):
+                handles.append(module.register_forward_pre_hook(make_in(name, site_name, module)))
+        try:
+            with torch.no_grad():
+                tower.run(batch)
+        finally:
+            for h in handles:
+                h.remove()
+        order = {site_name: i for i, (_, site_name, _) in enumerate(members)}
+        for key in sorted(found, key=lambda k: (order[k.removesuffix(".pre")], not k.endswith(".pre"))):
+            mod_name, site_name, module, point, shape = found[key]
+            cls = _classify(tuple(shape), batch)
+            if cls is None:
+                continue
+            layout, per_example, seq_first = cls
+            sites[site_name] = Site(site_name, mod_name, tower.name, point, layout, per_example,
+                                    type(module).__name__, seq_first)
+    return sites
+
+
+# ----------------------------------------------------------------------------------
+# Capture and ablation
+
+
+class Activations(Mapping[str, torch.Tensor]):
+    """Activations recorded by :meth:`HookedModel.capture`, by site name, in canonical layout.
+
+    Every forward pass inside the ``with`` block appends its batch, so
+    ``acts[site]`` holds all examples seen, concatenated along dimension 0.
+    """
+
+    def __init__(self, sites: Sequence[str]):
+        self._chunks: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
+
+    def _add(self, site: str, value: torch.Tensor) -> None:
+        self._chunks[site].append(value)
+
+    def __getitem__(self, site: str) -> torch.Tensor:
+        chunks = self._chunks[site]
+        if not chunks:
+            raise KeyError(f"{site!r} recorded nothing: no forward pass reached it inside the capture block")
+        if len(chunks) > 1:
+            self._chunks[site] = chunks = [torch.cat(chunks, dim=0)]
+        return chunks[0]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._chunks)
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def clear(self) -> None:
+        """Drop what was recorded so far (the hooks stay in place)."""
+        for chunks in self._chunks.values():
+            chunks.clear()
+
+
+class HookedModel:
+    """Site discovery, capture and ablation over one ``nn.Module``.
+
+    Sites are found lazily, on first use, by :func:`discover_sites`.
+    """
+
+    def __init__(self, root: nn.Module, towers: Sequence[Tower]):
+        self._root = root
+        self._towers = towers
+        self._sites: dict[str, Site] | None = None
+        self._active_ablations = 0
+        self._ablated_towers: list[str] = []
+
+    @property
+    def sites(self) -> dict[str, Site]:
+        if self._sites is None:
+            self._sites = discover_sites(self._root, self._towers)
+        return self._sites
+
+    def site(self, name: str) -> Site:
+        """Return the :class:`Site` called ``name``; unknown names raise with close matches."""
+        try:
+            return self.sites[name]
+        except KeyError:
+            import difflib
+            close = difflib.get_close_matches(name, list(self.sites), n=5, cutoff=0.6)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ValueError(f"Unknown site {name!r}.{hint} model.layers() lists all "
+                             f"{len(self.sites)} sites.") from None
+
+    def _module(self, site: Site) -> nn.Module:
+        return self._root.get_submodule(site.module)
+
+    @property
+    def ablated_towers(self) -> set[str]:
+        """Towers with an ablation currently in force."""
+        return set(self._ablated_towers)
+
+    @contextlib.contextmanager
+    def capture(self, sites: str | Iterable[str], *, grad: bool = False) -> Iterator[Activations]:
+        """Record the activations of ``sites`` during the forward passes inside the block.
+
+        With ``grad=False`` values are detached copies; with ``grad=True`` they stay
+        in the autograd graph (for objectives). Values are always copies, so later
+        in-place operations in the model cannot change what was recorded.
+        """
+        names = [sites] if isinstance(sites, str) else list(dict.fromkeys(sites))
+        resolved = [self.site(n) for n in names]
+        acts = Activations(names)
+        handles = []
+        for site in resolved:
+            module = self._module(site)
+
+            if site.point == "output":
+                def hook(_m, _inp, out, site=site):
+                    t = _first_tensor(out)
+                    t = site.canonical(t)
+                    acts._add(site.name, t.clone() if grad else t.detach().clone())
+                handles.append(module.register_forward_hook(hook))
+            else:
+                def pre_hook(_m, inp, site=site):
+                    t = site.canonical(inp[0])
+                    acts._add(site.name, t.clone() if grad else t.detach().clone())
+                handles.append(module.register_forward_pre_hook(pre_hook))
+        try:
+            yield acts
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def ablate(self, units: Unit | Iterable[Unit], value: float | torch.Tensor = 0.0) -> Iterator[None]:
+        """Set ``units`` to ``value`` (default 0) in every forward pass inside the block.
+
+        ``value`` may be a scalar or a tensor broadcastable to the selected region
+        (e.g. a mean activation to patch in).
+        """
+        unit_list = [units] if isinstance(units, Unit) else list(units)
+        if not unit_list:
+            raise ValueError("ablate() needs at least one unit")
+        by_site: dict[str, list[Unit]] = {}
+        for u in unit_list:
+            site = self.site(u.site)
+            u.check(site)
+            by_site.setdefault(site.name, []).append(u)
+        handles = []
+        for name, site_units in by_site.items():
+            site = self.sites[name]
+            module = self._module(site)
+
+            def edit(raw: torch.Tensor, site=site, site_units=site_units) -> torch.Tensor:
+                out = raw.clone()
+                view = site.canonical(out)
+                for u in site_units:
+                    u.ablate_(view, site.layout, value)
+                return out
+
+            if site.point == "output":
+                def hook(_m, _inp, out, edit=edit):
+                    if isinstance(out, torch.Tensor):
+                        return edit(out)
+                    if isinstance(out, tuple):
+                        return (edit(out[0]),) + tuple(out[1:])
+                    out.last_hidden_state = edit(out.last_hidden_state)
+                    return out
+                handles.append(module.register_forward_hook(hook))
+            else:
+                def pre_hook(_m, inp, edit=edit):
+                    return (edit(inp[0]),) + tuple(inp[1:])
+                handles.append(module.register_forward_pre_hook(pre_hook))
+        towers = sorted({self.sites[n].tower for n in by_site})
+        self._ablated_towers.extend(towers)
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for t in towers:
+                self._ablated_towers.remove(t)

@@ -1,0 +1,536 @@
+"""The model layer: :func:`load` any CLIP and wrap it in one :class:`ClipModel` interface.
+
+Name forms accepted by :func:`load`:
+
+- ``"organism"``: the built-in model organism (offline, ships with the package);
+- an open_clip model name with a pretrained tag: ``load("ViT-B-32", pretrained="openai")``;
+  with ``pretrained=None`` the architecture is randomly initialised;
+- an open_clip name with a local checkpoint: ``load("ViT-B-32", pretrained="/path/w.safetensors")``;
+- ``"hf-hub:ORG/REPO"``: an open_clip model on the Hugging Face hub;
+- a local folder holding ``open_clip_config.json`` and the weights;
+- ``"hf:ORG/REPO"``: a transformers ``CLIPModel`` (needs the ``hf`` extra).
+
+Weights load safely: safetensors, or ``torch.load(weights_only=True)``; a
+checkpoint that needs pickled code is refused (:class:`~clipscope.hub.UnsafeCheckpointError`).
+"""
+from __future__ import annotations
+
+import contextlib
+import html
+import os
+import pickle
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import hub, prompts
+from .data import EmbeddedImages, ImageLoadError, iter_images, source_length
+from .hooks import Activations, HookedModel, Site, Tower, Unit
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_CONFIG_DIR = _PACKAGE_DIR / "model_configs"
+_ORGANISM_DIR = _PACKAGE_DIR / "organism"
+ORGANISM_ARCH = "clipscope-organism"
+
+_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Return the device for ``device``; ``"auto"`` picks cuda, then mps, then cpu."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """Return the dtype for ``precision`` (fp32, fp16, bf16); ``"auto"`` is fp16 on cuda, else fp32."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    try:
+        return _PRECISIONS[precision]
+    except KeyError:
+        raise ValueError(f"Unknown precision {precision!r}; valid: 'auto', {', '.join(map(repr, _PRECISIONS))}") from None
+
+
+def _register_configs() -> None:
+    import open_clip
+    for folder in (_CONFIG_DIR, _ORGANISM_DIR):  # every *.json holding a model config registers by its stem
+        open_clip.add_model_config(folder)
+
+
+# ---------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class ZeroShotResult:
+    """Zero-shot class probabilities for a set of images.
+
+    ``probs`` is a float32 ``(n_images, n_classes)`` tensor whose rows sum to 1;
+    ``keys[i]`` identifies image ``i`` (its position or path); ``skipped`` lists
+    ``(key, reason)`` for images that could not be read.
+    """
+
+    probs: torch.Tensor
+    classes: list[str]
+    templates: tuple[str, ...]
+    keys: list[Any] = field(default_factory=list)
+    skipped: list[tuple[Any, str]] = field(default_factory=list)
+
+    @property
+    def top1(self) -> torch.Tensor:
+        """Index of the most probable class per image, shape ``(n_images,)``."""
+        return self.probs.argmax(dim=1)
+
+    @property
+    def predictions(self) -> list[str]:
+        """Name of the most probable class per image."""
+        return [self.classes[i] for i in self.top1.tolist()]
+
+    def to_frame(self):
+        """Return a DataFrame: one row per image, a ``prediction`` column and one probability column per class."""
+        import pandas as pd
+        frame = pd.DataFrame(self.probs.numpy(), columns=self.classes)
+        frame.insert(0, "prediction", self.predictions)
+        frame.index = pd.Index(self.keys or range(len(frame)), name="image")
+        return frame
+
+    def plot(self, max_images: int = 8, ax=None):
+        """Bar chart of the class probabilities of the first ``max_images`` images; returns the figure."""
+        import matplotlib.pyplot as plt
+        n = min(max_images, len(self.probs))
+        if ax is None:
+            fig, axes = plt.subplots(1, max(n, 1), figsize=(2.4 * max(n, 1), 0.3 * len(self.classes) + 1.2),
+                                     sharey=True, squeeze=False)
+            axes = axes[0]
+        else:
+            fig, axes = ax.figure, [ax]
+        for i, a in enumerate(axes[:n]):
+            a.barh(range(len(self.classes)), self.probs[i].numpy(), color="tab:blue")
+            a.set_xlim(0, 1)
+            a.set_title(f"{self.keys[i] if self.keys else i}: {self.predictions[i]}", fontsize=8)
+            a.set_xlabel("probability")
+        axes[0].set_yticks(range(len(self.classes)), self.classes)
+        axes[0].invert_yaxis()
+        fig.tight_layout()
+        return fig
+
+    def _repr_html_(self) -> str:
+        head = self.to_frame().head(20).to_html(float_format=lambda v: f"{v:.3f}")
+        note = f"<p>{len(self.probs)} images, {len(self.classes)} classes, {len(self.templates)} template(s)"
+        if self.skipped:
+            note += f"; {len(self.skipped)} unreadable image(s) skipped"
+        return note + "</p>" + head
+
+
+class Layers(tuple):
+    """The hookable sites of a model (a tuple of :class:`~clipscope.hooks.Site`), printable as a table."""
+
+    def names(self) -> list[str]:
+        return [s.name for s in self]
+
+    def filter(self, tower: str | None = None, layout: str | None = None, contains: str | None = None) -> "Layers":
+        """Return the sites of one tower, one layout, and/or whose name contains a substring."""
+        return Layers(s for s in self if (tower is None or s.tower == tower)
+                      and (layout is None or s.layout == layout)
+                      and (contains is None or contains in s.name))
+
+    def to_frame(self):
+        """Return a DataFrame with name, tower, layout, shape, units and module type per site."""
+        import pandas as pd
+        return pd.DataFrame([{"name": s.name, "tower": s.tower, "layout": s.layout, "shape": s.shape,
+                              "units": s.n_units, "type": s.module_type} for s in self])
+
+    def _repr_html_(self) -> str:
+        return self.to_frame().to_html(index=False)
+
+    def __str__(self) -> str:
+        return self.to_frame().to_string(index=False)
+
+
+# ---------------------------------------------------------------------------------------
+# The wrapper
+
+
+class ClipModel:
+    """One interface over open_clip and transformers CLIP models.
+
+    Parameters are frozen (``requires_grad=False``) and the model is in eval
+    mode: clipscope inspects models, it does not train them. Gradients still
+    flow to input images, which feature visualization needs.
+    """
+
+    def __init__(self, model: nn.Module, preprocess: Callable, tokenizer: Callable, *, name: str,
+                 pretrained: str | None, device: torch.device, dtype: torch.dtype,
+                 image_size: tuple[int, int], image_mean: Sequence[float], image_std: Sequence[float],
+                 towers: Sequence[Tower], default_templates: Sequence[str] = prompts.DEFAULT_TEMPLATES,
+                 backend: str = "open_clip"):
+        self.model = model.eval().requires_grad_(False)
+        self.preprocess = preprocess
+        self._tokenizer = tokenizer
+        self.name = name
+        self.pretrained = pretrained
+        self.device = device
+        self.dtype = dtype
+        self.image_size = image_size
+        self.image_mean = tuple(float(v) for v in image_mean)
+        self.image_std = tuple(float(v) for v in image_std)
+        self.default_templates = tuple(default_templates)
+        self.backend = backend
+        self._hooked = HookedModel(model, towers)
+        self._class_cache: dict[tuple, torch.Tensor] = {}
+        self._embed_dim: int | None = None
+
+    def __repr__(self) -> str:
+        tag = f", pretrained={self.pretrained!r}" if self.pretrained else ""
+        return f"ClipModel({self.name!r}{tag}, device={self.device}, dtype={self.dtype}, backend={self.backend})"
+
+    @property
+    def id(self) -> str:
+        """A string that identifies the weights (for cache keys)."""
+        return f"{self.name}|{self.pretrained}|{self.dtype}"
+
+    @property
+    def logit_scale(self) -> float:
+        """The learned temperature, as the multiplier applied to cosine similarities (e.g. 100.0)."""
+        return float(self.model.logit_scale.detach().float().exp().clamp(max=100.0))
+
+    # -- text ---------------------------------------------------------------------------
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """Return token ids, shape ``(n_texts, context_length)``, on the model's device."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return self._tokenizer(texts).to(self.device)
+
+    def encode_text(self, texts: str | Sequence[str] | torch.Tensor, *, normalize: bool = True,
+                    batch_size: int = 256, progress: bool | None = None) -> torch.Tensor:
+        """Return text embeddings, float32 ``(n_texts, embed_dim)`` on the model's device.
+
+        ``texts`` are strings (tokenized here) or token ids from :meth:`tokenize`.
+        Unit-normalized when ``normalize`` (the default).
+        """
+        tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
+        chunks = []
+        for start in _progress(range(0, len(tokens), batch_size), progress, len(tokens) > batch_size,
+                               "encode text"):
+            chunks.append(self.model.encode_text(tokens[start:start + batch_size].to(self.device)).float())
+        out = torch.cat(chunks) if chunks else torch.empty(0, self.embed_dim, device=self.device)
+        return F.normalize(out, dim=-1) if normalize else out
+
+    @property
+    def embed_dim(self) -> int:
+        """Size of the joint image-text embedding space."""
+        if self._embed_dim is None:
+            with torch.no_grad():
+                self._embed_dim = int(self.encode_text(["a"], normalize=False).shape[-1])
+        return self._embed_dim
+
+    # -- images -------------------------------------------------------------------------
+    def encode_image(self, images: Any, *, normalize: bool = True, batch_size: int = 64,
+                     progress: bool | None = None) -> torch.Tensor:
+        """Return image embeddings, float32 ``(n_images, embed_dim)``.
+
+        - A preprocessed ``(B, 3, H, W)`` tensor runs in one forward pass on the
+          model's device with gradients flowing to the input (for optimization).
+        - Anything else (PIL images, paths, a folder, a ``datasets`` table, a list
+          of these) is loaded, preprocessed and encoded in batches without
+          gradients, with a progress bar; the result is on the CPU. If any image is
+          unreadable, :class:`~clipscope.data.ImageLoadError` lists every bad one
+          (use :meth:`embed` to skip them instead).
+        """
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            out = self.model.encode_image(images.to(self.device, self.dtype)).float()
+            return F.normalize(out, dim=-1) if normalize else out
+        result = self.embed(images, normalize=normalize, batch_size=batch_size, progress=progress)
+        if result.skipped:
+            listing = "; ".join(f"{k}: {r}" for k, r in result.skipped[:10])
+            raise ImageLoadError(f"{result.n_skipped} image(s) could not be read: {listing}", result.skipped)
+        return result.embeddings
+
+    def embed(self, source: Any, *, normalize: bool = True, batch_size: int = 64,
+              progress: bool | None = None, desc: str = "encode images") -> EmbeddedImages:
+        """Encode every readable image of ``source``; unreadable ones are skipped and listed.
+
+        Returns :class:`~clipscope.data.EmbeddedImages` (float32 CPU embeddings,
+        the key of each row, and the skipped ``(key, reason)`` pairs).
+        """
+        total = source_length(source)
+        keys, chunks, skipped, batch, batch_keys = [], [], [], [], []
+
+        def flush():
+            if batch:
+                x = torch.stack(batch).to(self.device, self.dtype)
+                with torch.no_grad():
+                    emb = self.model.encode_image(x).float()
+                chunks.append((F.normalize(emb, dim=-1) if normalize else emb).cpu())
+                keys.extend(batch_keys)
+                batch.clear()
+                batch_keys.clear()
+
+        show = total is None or total > batch_size
+        for key, item in _progress(iter_images(source), progress, show, desc, total=total):
+            if isinstance(item, ImageLoadError):
+                skipped.append((key, str(item)))
+                continue
+            tensor = item if isinstance(item, torch.Tensor) else self.preprocess(item)
+            if tuple(tensor.shape[-2:]) != tuple(self.image_size):
+                skipped.append((key, f"tensor image of size {tuple(tensor.shape[-2:])}; the model "
+                                     f"takes {tuple(self.image_size)} (pass PIL images to have them resized)"))
+                continue
+            batch.append(tensor)
+            batch_keys.append(key)
+            if len(batch) == batch_size:
+                flush()
+        flush()
+        dim = chunks[0].shape[1] if chunks else self.embed_dim
+        embeddings = torch.cat(chunks) if chunks else torch.empty(0, dim)
+        return EmbeddedImages(embeddings, keys, skipped)
+
+    # -- zero-shot ----------------------------------------------------------------------
+    def class_embeddings(self, classes: Sequence[str], templates: str | Sequence[str] | None = None) -> torch.Tensor:
+        """Return unit-norm class embeddings ``(n_classes, embed_dim)``, one prompt ensemble per class.
+
+        Cached by (model, classes, templates); the cache is bypassed while an
+        ablation touches the text tower.
+        """
+        classes = _check_classes(classes)
+        templates = prompts.resolve_templates(templates, self.default_templates)
+        key = (self.id, tuple(classes), templates)
+        cacheable = "text" not in self._hooked.ablated_towers
+        if cacheable and key in self._class_cache:
+            return self._class_cache[key]
+        texts = [p for c in classes for p in prompts.fill(templates, c)]
+        with torch.no_grad():
+            emb = self.encode_text(texts, normalize=True).view(len(classes), len(templates), -1)
+        out = F.normalize(emb.mean(dim=1), dim=-1)
+        if cacheable:
+            self._class_cache[key] = out
+        return out
+
+    def zero_shot(self, images: Any, classes: Sequence[str], templates: str | Sequence[str] | None = None, *,
+                  batch_size: int = 64, progress: bool | None = None) -> ZeroShotResult:
+        """Classify ``images`` among ``classes``; returns a :class:`ZeroShotResult`.
+
+        Probabilities are ``softmax(logit_scale * cos(image, class))`` with each
+        class embedded as the mean of its normalized prompt embeddings
+        (``templates``: a list, a set name such as ``"openai_imagenet"``, or
+        ``None`` for the model's default). Unreadable images are skipped and
+        listed in the result.
+        """
+        class_emb = self.class_embeddings(classes, templates)
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            with torch.no_grad():
+                img = self.encode_image(images).cpu()
+            keys, skipped = list(range(len(img))), []
+        else:
+            embedded = self.embed(images, batch_size=batch_size, progress=progress)
+            img, keys, skipped = embedded.embeddings, embedded.keys, embedded.skipped
+        logits = self.logit_scale * img @ class_emb.cpu().T
+        return ZeroShotResult(logits.softmax(dim=-1), list(classes),
+                              prompts.resolve_templates(templates, self.default_templates), keys, skipped)
+
+    # -- hooks --------------------------------------------------------------------------
+    def layers(self) -> Layers:
+        """Every hookable site of both towers, with canonical shape and layout (see :mod:`clipscope.hooks`)."""
+        return Layers(self._hooked.sites.values())
+
+    def site(self, name: str) -> Site:
+        """The :class:`~clipscope.hooks.Site` called ``name`` (unknown names raise with close matches)."""
+        return self._hooked.site(name)
+
+    def capture(self, sites: str | Iterable[str], *, grad: bool = False) -> contextlib.AbstractContextManager[Activations]:
+        """``with model.capture(sites) as acts:`` records activations of the forward passes inside the block."""
+        return self._hooked.capture(sites, grad=grad)
+
+    def ablate(self, units: Unit | Iterable[Unit], value: float | torch.Tensor = 0.0) -> contextlib.AbstractContextManager[None]:
+        """``with model.ablate(units):`` sets the units to ``value`` (default 0) inside the block."""
+        return self._hooked.ablate(units, value)
+
+    def read(self, unit: Unit, acts: Activations | torch.Tensor) -> torch.Tensor:
+        """Return ``unit``'s value per example ``(B,)`` from captured activations."""
+        site = self.site(unit.site)
+        unit.check(site)
+        tensor = acts if isinstance(acts, torch.Tensor) else acts[site.name]
+        return unit.read(tensor, site.layout)
+
+
+def _check_classes(classes: Sequence[str]) -> list[str]:
+    if isinstance(classes, str):
+        raise TypeError("classes must be a list of class names, not one string")
+    classes = list(classes)
+    if not classes:
+        raise ValueError("classes must not be empty")
+    dupes = sorted({c for c in classes if classes.count(c) > 1})
+    if dupes:
+        raise ValueError(f"duplicate class names: {dupes}")
+    return classes
+
+
+def _progress(iterable, progress: bool | None, default: bool, desc: str, total: int | None = None):
+    show = default if progress is None else progress
+    if not show:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def load(name: str, pretrained: str | None = None, device: str | torch.device = "auto",
+         precision: str = "auto") -> ClipModel:
+    """Load a CLIP model by name and return a :class:`ClipModel`.
+
+    See the module docstring for the accepted ``name`` forms. ``device="auto"``
+    picks cuda, then mps, then cpu; ``precision`` is ``"fp32"``, ``"fp16"``,
+    ``"bf16"`` or ``"auto"`` (fp16 on cuda, fp32 elsewhere).
+
+    Raises :class:`~clipscope.hub.UnknownModelError` for names that match nothing
+    (with close matches), :class:`~clipscope.hub.WeightsNotAvailableError` when
+    the weights are neither cached nor downloadable (with how to get them), and
+    :class:`~clipscope.hub.UnsafeCheckpointError` for checkpoints that need pickled code.
+    """
+    dev = resolve_device(device)
+    dtype = resolve_precision(precision, dev)
+    if not isinstance(name, str) or not name:
+        raise _unknown_model(name)
+    if name.startswith("hf:"):
+        from .hf import load_transformers
+        return load_transformers(name, dev, dtype)
+    _register_configs()
+    if name == "organism":
+        if pretrained is not None:
+            raise ValueError("the organism has one set of weights; do not pass pretrained=")
+        weights = _ORGANISM_DIR / "organism.safetensors"
+        if not weights.is_file():
+            raise hub.WeightsNotAvailableError(
+                f"The organism's weights are missing from the installed package ({weights}). "
+                "Reinstall clipscope-toolkit, or rebuild them with `python -m clipscope.organism.train --out "
+                f"{weights}`.")
+        from .organism import ZERO_SHOT_TEMPLATES
+        return _open_clip_model(ORGANISM_ARCH, str(weights), dev, dtype, display="organism",
+                                default_templates=ZERO_SHOT_TEMPLATES)
+    if name.startswith("hf-hub:"):
+        repo = name[len("hf-hub:"):]
+        files = hub.ensure_files(name, repo, [["open_clip_config.json"],
+                                              ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]])
+        folder = os.path.dirname(files["open_clip_config.json"])
+        return _open_clip_model("local-dir:" + folder, None, dev, dtype, display=name)
+    if os.path.isdir(name):
+        if not (Path(name) / "open_clip_config.json").is_file():
+            raise _unknown_model(name, extra=f" The folder {name!r} has no open_clip_config.json.")
+        return _open_clip_model("local-dir:" + str(Path(name).resolve()), None, dev, dtype, display=name)
+    if os.path.isfile(name):
+        raise hub.UnknownModelError(
+            f"{name!r} is a checkpoint file, which does not say which architecture it holds. "
+            f"Load it as clipscope.load(ARCH, pretrained={name!r}) with ARCH an open_clip model name "
+            "(e.g. 'ViT-B-32'), or put it in a folder with its open_clip_config.json and load the folder.")
+    return _load_open_clip_name(name, pretrained, dev, dtype)
+
+
+def _unknown_model(name: Any, extra: str = "") -> hub.UnknownModelError:
+    import open_clip
+    candidates = open_clip.list_models() + ["organism"]
+    return hub.UnknownModelError(
+        f"Unknown model {name!r}.{extra}{hub.suggest(str(name), candidates)} Valid forms: 'organism' (built in, "
+        "offline); an open_clip name (open_clip.list_models()) with pretrained=TAG "
+        "(open_clip.list_pretrained()) or a checkpoint path; 'hf-hub:ORG/REPO'; a folder with "
+        "open_clip_config.json; 'hf:ORG/REPO' for transformers CLIP models.")
+
+
+def _load_open_clip_name(name: str, pretrained: str | None, dev: torch.device, dtype: torch.dtype) -> ClipModel:
+    import open_clip
+    arch = name.replace("/", "-")
+    if arch not in open_clip.list_models():
+        raise _unknown_model(name)
+    if pretrained is None:
+        if not arch.startswith("clipscope-"):
+            warnings.warn(f"{arch} is randomly initialised (pretrained=None).", stacklevel=3)
+        return _open_clip_model(arch, None, dev, dtype, display=arch)
+    if os.path.isfile(pretrained):
+        return _open_clip_model(arch, pretrained, dev, dtype, display=arch)
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if pretrained not in tags:
+        looks_like_path = os.sep in pretrained or pretrained.endswith((".safetensors", ".bin", ".pt", ".pth"))
+        what = "no such checkpoint file" if looks_like_path else "unknown pretrained tag"
+        raise hub.UnknownModelError(
+            f"{what} {pretrained!r} for {arch!r}.{hub.suggest(pretrained, tags)} "
+            f"Tags for {arch}: {tags or 'none (load a local file instead)'}.")
+    cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+    display = f"{arch} (pretrained={pretrained!r})"
+    if cfg.get("hf_hub"):
+        repo, filename = os.path.split(cfg["hf_hub"])  # "org/repo/" or "org/repo/file.bin"
+        filename = filename or "open_clip_pytorch_model.bin"
+        stem = filename.rsplit(".", 1)[0]
+        candidates = ["open_clip_model.safetensors"] if filename == "open_clip_pytorch_model.bin" else []
+        candidates += [stem + ".safetensors", filename]  # safetensors first, as open_clip does
+        files = hub.ensure_files(display, repo, [list(dict.fromkeys(candidates))])
+        path = next(iter(files.values()))
+    else:
+        path = str(hub.url_cache_path(cfg["url"]))
+        if not os.path.isfile(path):
+            reason = hub.hub_unreachable_reason()
+            if reason is not None:
+                raise hub.WeightsNotAvailableError(
+                    f"The weights for {display} are not cached at {path} and cannot be downloaded "
+                    f"from {cfg['url']}: {reason}. Download the file on a machine with internet and put it "
+                    f"there, or load a local file with pretrained='/path/to/file'.")
+            from open_clip.pretrained import download_pretrained_from_url
+            path = download_pretrained_from_url(cfg["url"])
+    return _open_clip_model(arch, path, dev, dtype, display=arch, tag=pretrained,
+                            force_quick_gelu=bool(cfg.get("quick_gelu", False)),
+                            image_mean=cfg.get("mean"), image_std=cfg.get("std"),
+                            image_interpolation=cfg.get("interpolation"),
+                            image_resize_mode=cfg.get("resize_mode"))
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    import logging
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _open_clip_model(arch: str, checkpoint: str | None, dev: torch.device, dtype: torch.dtype, *,
+                     display: str, tag: str | None = None,
+                     default_templates: Sequence[str] = prompts.DEFAULT_TEMPLATES, **kwargs) -> ClipModel:
+    import open_clip
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        with _quiet_root_logger():  # open_clip logs its own notices on the root logger
+            model, _, preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=checkpoint, device="cpu", precision="fp32", weights_only=True,
+                require_pretrained=checkpoint is not None or arch.startswith("local-dir:"), **kwargs)
+    except pickle.UnpicklingError as exc:
+        raise hub.refuse_unsafe(exc, checkpoint or arch) from None
+    except RuntimeError as exc:
+        if "Weights only load failed" in str(exc):
+            raise hub.refuse_unsafe(exc, checkpoint or arch) from None
+        raise
+    model = model.to(dev, dtype)
+    tokenizer = open_clip.get_tokenizer(arch)
+    visual = model.visual
+    size = visual.image_size if isinstance(visual.image_size, tuple) else (visual.image_size,) * 2
+    pp = visual.preprocess_cfg
+    towers = [Tower("visual", {"visual": "visual"}, lambda b: model.encode_image(
+                  torch.zeros(b, 3, *size, device=dev, dtype=dtype))),
+              Tower("text", {"text": "text"} if hasattr(model, "text") else {"": "text."},
+                    lambda b: model.encode_text(tokenizer(["a photo"] * b).to(dev)))]
+    return ClipModel(model, preprocess, tokenizer, name=display, pretrained=tag or checkpoint, device=dev,
+                     dtype=dtype, image_size=tuple(size), image_mean=pp["mean"], image_std=pp["std"],
+                     towers=towers, default_templates=default_templates)

@@ -1,0 +1,114 @@
+"""Shared fixtures: tiny random models, a fake Hugging Face cache, and a loopback "hub"."""
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import clipscope
+
+
+@pytest.fixture(scope="session")
+def tiny_rn() -> clipscope.ClipModel:
+    torch.manual_seed(0)
+    return clipscope.load("clipscope-tiny-rn", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_vit() -> clipscope.ClipModel:
+    torch.manual_seed(0)
+    return clipscope.load("clipscope-tiny-vit", device="cpu")
+
+
+@pytest.fixture(params=["clipscope-tiny-rn", "clipscope-tiny-vit"])
+def tiny(request, tiny_rn, tiny_vit) -> clipscope.ClipModel:
+    return tiny_rn if request.param == "clipscope-tiny-rn" else tiny_vit
+
+
+def make_images(n: int, seed: int = 0, size: int = 48) -> list[Image.Image]:
+    """``n`` distinct RGB images: coloured rectangles on noise."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        arr = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+        y, x = rng.integers(0, size // 2, 2)
+        arr[y:y + size // 3, x:x + size // 3] = rng.integers(0, 255, 3)
+        out.append(Image.fromarray(arr))
+    return out
+
+
+@pytest.fixture
+def images() -> list[Image.Image]:
+    return make_images(5)
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face hub cache in tmp; returns a function that puts files for a repo in it."""
+    from huggingface_hub import constants
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+
+    def put(repo_id: str, files: dict[str, Path | bytes], commit: str = "a" * 40) -> Path:
+        root = cache / f"models--{repo_id.replace('/', '--')}"
+        snapshot = root / "snapshots" / commit
+        snapshot.mkdir(parents=True, exist_ok=True)
+        (root / "refs").mkdir(exist_ok=True)
+        (root / "refs" / "main").write_text(commit)
+        for name, src in files.items():
+            if isinstance(src, bytes):
+                (snapshot / name).write_bytes(src)
+            else:
+                shutil.copy(src, snapshot / name)
+        return snapshot
+
+    put.cache = cache
+    return put
+
+
+@pytest.fixture
+def reachable_hub(monkeypatch):
+    """Point the hub endpoint at a loopback socket that accepts connections (the probe succeeds)."""
+    from huggingface_hub import constants
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+                conn.close()
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    yield
+    stop.set()
+    thread.join()
+    server.close()
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """Point the hub endpoint at a loopback port where nothing listens (connection refused)."""
+    from huggingface_hub import constants
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

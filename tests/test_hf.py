@@ -1,0 +1,114 @@
+"""transformers CLIPModel ids ("hf:ORG/REPO") behind the same ClipModel interface."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import clipscope
+from clipscope import Unit, UnsafeCheckpointError
+
+from .conftest import make_images
+
+transformers = pytest.importorskip("transformers")
+
+REPO = "openai/clip-vit-base-patch32"
+
+
+def _tokenizer_files(folder):
+    """A real CLIP BPE tokenizer, built from the vocabulary open_clip ships."""
+    from open_clip.tokenizer import SimpleTokenizer
+    simple = SimpleTokenizer()
+    merges = [tuple(pair) for pair, _ in sorted(simple.bpe_ranks.items(), key=lambda kv: kv[1])]
+    # open_clip spells the special tokens <start_of_text>; the OpenAI/transformers vocabulary <|startoftext|>
+    renamed = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {renamed.get(token, token): i for token, i in simple.encoder.items()}
+    tok = transformers.CLIPTokenizer(vocab=vocab, merges=merges)
+    tok.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf-clip")
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=49406,
+                         eos_token_id=49407, pad_token_id=49407),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    transformers.CLIPModel(config).save_pretrained(folder, safe_serialization=True)
+    _tokenizer_files(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": {"height": 32, "width": 32}, "size": {"shortest_edge": 32}, "do_center_crop": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3}))
+    return folder
+
+
+@pytest.fixture
+def hf_model(hf_folder, hf_cache, monkeypatch):
+    hf_cache(REPO, {p.name: p for p in hf_folder.iterdir()})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return clipscope.load(f"hf:{REPO}")
+
+
+def test_transformers_ids_load_from_the_cache_through_the_same_interface(hf_model):
+    assert hf_model.backend == "transformers"
+    images = make_images(3)
+    assert hf_model.encode_image(images).shape == (3, 16)
+    assert hf_model.encode_text(["a cat", "a dog"]).shape == (2, 16)
+    result = hf_model.zero_shot(images, ["cat", "dog"])
+    assert torch.allclose(result.probs.sum(1), torch.ones(3), atol=1e-6)
+
+
+def test_text_embeddings_match_transformers_own_forward(hf_model, hf_folder):
+    clip = transformers.CLIPModel.from_pretrained(hf_folder)
+    tok = transformers.AutoTokenizer.from_pretrained(hf_folder)
+    inputs = tok(["a photo of a cat"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = clip.get_text_features(**inputs)
+    ref = getattr(ref, "pooler_output", ref)
+    assert torch.allclose(hf_model.encode_text(["a photo of a cat"], normalize=False), ref, atol=1e-5)
+
+
+def test_the_tokenizer_agrees_with_open_clips(hf_model, tiny_vit):
+    text = ["a photo of a red circle"]
+    ours, theirs = hf_model.tokenize(text), tiny_vit.tokenize(text)  # both have 16-token contexts
+    eot = 49407
+    # open_clip pads with 0, transformers with the end-of-text id; the tokens up to end-of-text agree
+    length = int((theirs[0] == eot).nonzero()[0]) + 1
+    assert torch.equal(ours[0, :length], theirs[0, :length])
+
+
+def test_sites_use_the_same_naming_scheme(hf_model):
+    names = set(hf_model.layers().names())
+    assert {"visual.encoder.layers.1.mlp.fc1", "visual.projection", "text.encoder.layers.0", "text.projection"} <= names
+    site = hf_model.site("visual.encoder.layers.1")
+    assert site.layout == "tokens" and site.shape == (17, 32)
+    with hf_model.ablate(Unit.neuron("visual.encoder.layers.1.mlp.fc1", 3)), \
+            hf_model.capture("visual.encoder.layers.1.mlp.fc1") as acts:
+        hf_model.encode_image(make_images(2))
+    assert (acts["visual.encoder.layers.1.mlp.fc1"][..., 3] == 0).all()
+
+
+def test_a_pickled_checkpoint_with_a_payload_is_refused(hf_folder, hf_cache, monkeypatch, tmp_path):
+    from safetensors.torch import load_file
+    sentinel = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {sentinel}",))
+
+    files = {p.name: p for p in hf_folder.iterdir() if p.name != "model.safetensors"}
+    weights = tmp_path / "pytorch_model.bin"
+    torch.save({**load_file(hf_folder / "model.safetensors"), "payload": Payload()}, weights)
+    files["pytorch_model.bin"] = weights
+    hf_cache("evil/clip", files)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UnsafeCheckpointError):
+        clipscope.load("hf:evil/clip")
+    assert not sentinel.exists()

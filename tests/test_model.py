@@ -1,0 +1,118 @@
+"""ClipModel: encoding any image source, zero-shot with prompt ensembles and a class-embedding cache."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipscope import EmbeddedImages, ImageLoadError, Unit
+from clipscope.prompts import OPENAI_IMAGENET_TEMPLATES
+
+from .conftest import make_images
+
+
+class TestEncoding:
+    def test_every_image_source_gives_the_same_embedding(self, tiny, images, tmp_path):
+        paths = []
+        for i, im in enumerate(images):
+            paths.append(tmp_path / f"{i}.png")
+            im.save(paths[-1])
+        from_pil = tiny.encode_image(images)
+        assert from_pil.shape == (5, 32)
+        assert torch.allclose(tiny.encode_image([str(p) for p in paths]), from_pil, atol=1e-5)
+        assert torch.allclose(tiny.encode_image(str(tmp_path)), from_pil, atol=1e-5)  # a folder
+        batch = torch.stack([tiny.preprocess(im) for im in images])
+        assert torch.allclose(tiny.encode_image(batch), from_pil, atol=1e-5)
+
+    def test_datasets_tables_are_read_through_their_image_column(self, tiny, images):
+        import datasets
+        table = datasets.Dataset.from_dict({"img": images, "label": list(range(5))},
+                                           features=datasets.Features({"img": datasets.Image(),
+                                                                       "label": datasets.Value("int64")}))
+        assert torch.allclose(tiny.encode_image(table), tiny.encode_image(images), atol=1e-5)
+
+    def test_greyscale_rgba_and_cmyk_images_are_converted(self, tiny, images):
+        odd = [images[0].convert("L"), images[1].convert("RGBA"), images[2].convert("CMYK"), images[3].convert("P")]
+        assert torch.isfinite(tiny.encode_image(odd)).all()
+
+    def test_embeddings_are_unit_norm_unless_asked_otherwise(self, tiny, images):
+        assert torch.allclose(tiny.encode_image(images).norm(dim=-1), torch.ones(5), atol=1e-5)
+        assert torch.allclose(tiny.encode_text(["a", "b"]).norm(dim=-1), torch.ones(2), atol=1e-5)
+        raw = tiny.encode_image(images, normalize=False)
+        assert torch.allclose(F.normalize(raw, dim=-1), tiny.encode_image(images), atol=1e-5)
+
+    def test_unreadable_images_are_all_named_by_encode_and_skipped_by_embed(self, tiny, images, tmp_path):
+        bad = tmp_path / "broken.png"
+        bad.write_bytes(b"not a png")
+        source = [images[0], str(bad), images[1], str(tmp_path / "missing.jpg")]
+        with pytest.raises(ImageLoadError) as info:
+            tiny.encode_image(source)
+        assert len(info.value.skipped) == 2 and "broken.png" in str(info.value) and "missing.jpg" in str(info.value)
+        result = tiny.embed(source)
+        assert isinstance(result, EmbeddedImages)
+        assert result.keys == [0, 2] and result.n_skipped == 2 and result.embeddings.shape == (2, 32)
+
+    def test_gradients_flow_to_a_tensor_input(self, tiny):
+        x = torch.randn(2, 3, *tiny.image_size, requires_grad=True)
+        tiny.encode_image(x).sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+        assert not any(p.requires_grad for p in tiny.model.parameters())
+
+
+class TestZeroShot:
+    CLASSES = ["cat", "dog", "red square"]
+
+    def test_probabilities_sum_to_one_and_match_a_hand_computation(self, tiny, images):
+        result = tiny.zero_shot(images, self.CLASSES, templates=["a photo of a {}.", "a drawing of a {}."])
+        assert result.probs.shape == (5, 3)
+        assert torch.allclose(result.probs.sum(dim=1), torch.ones(5), atol=1e-6)
+        img = F.normalize(tiny.model.encode_image(torch.stack([tiny.preprocess(i) for i in images])), dim=-1)
+        per_class = []
+        for c in self.CLASSES:
+            text = F.normalize(tiny.model.encode_text(tiny.tokenize([f"a photo of a {c}.", f"a drawing of a {c}."])), dim=-1)
+            per_class.append(F.normalize(text.mean(0), dim=-1))
+        expected = (tiny.model.logit_scale.exp() * img @ torch.stack(per_class).T).softmax(dim=-1)
+        assert torch.allclose(result.probs, expected, atol=1e-5)
+        assert result.predictions == [self.CLASSES[i] for i in expected.argmax(1)]
+
+    def test_the_80_openai_templates_are_available_by_name(self, tiny, images):
+        assert len(OPENAI_IMAGENET_TEMPLATES) == 80
+        named = tiny.zero_shot(images, self.CLASSES, templates="openai_imagenet")
+        listed = tiny.zero_shot(images, self.CLASSES, templates=list(OPENAI_IMAGENET_TEMPLATES))
+        assert named.templates == OPENAI_IMAGENET_TEMPLATES and torch.allclose(named.probs, listed.probs)
+
+    def test_class_embeddings_are_cached_by_classes_and_templates(self, tiny, images, monkeypatch):
+        tiny.zero_shot(images, self.CLASSES)
+        calls = []
+        original = tiny.model.encode_text
+        monkeypatch.setattr(tiny.model, "encode_text", lambda *a, **k: calls.append(1) or original(*a, **k))
+        tiny.zero_shot(images, self.CLASSES)
+        assert calls == []
+        tiny.zero_shot(images, self.CLASSES, templates="a sketch of a {}.")
+        assert len(calls) == 1
+
+    def test_the_cache_is_bypassed_while_the_text_tower_is_ablated(self, tiny, images):
+        clean = tiny.class_embeddings(self.CLASSES)
+        with tiny.ablate(Unit.neuron("text.ln_final", 0)):
+            ablated = tiny.class_embeddings(self.CLASSES)
+        assert not torch.allclose(clean, ablated)
+        assert torch.equal(tiny.class_embeddings(self.CLASSES), clean)
+
+    @pytest.mark.parametrize("classes,error", [([], "must not be empty"), (["a", "a"], "duplicate"),
+                                               ("cat", "list of class names")])
+    def test_bad_class_lists_are_refused(self, tiny, images, classes, error):
+        with pytest.raises((ValueError, TypeError), match=error):
+            tiny.zero_shot(images, classes)
+
+    def test_bad_templates_are_refused_with_the_valid_choices(self, tiny, images):
+        with pytest.raises(ValueError, match="openai_imagenet"):
+            tiny.zero_shot(images, self.CLASSES, templates="imagenet")
+        with pytest.raises(ValueError, match="exactly one"):
+            tiny.zero_shot(images, self.CLASSES, templates=["no slot"])
+
+    def test_result_renders_as_a_frame_html_and_plot(self, tiny, images):
+        result = tiny.zero_shot(images, self.CLASSES)
+        frame = result.to_frame()
+        assert list(frame.columns) == ["prediction", *self.CLASSES] and len(frame) == 5
+        assert "<table" in result._repr_html_()
+        assert len(result.plot(max_images=3).axes) == 3
