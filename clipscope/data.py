@@ -33,7 +33,7 @@ def load_image(item: ImageLike) -> Image.Image | torch.Tensor:
     """Return ``item`` as an RGB PIL image, or as a ``(3, H, W)`` tensor if it already is one.
 
     Accepts a PIL image (any mode: greyscale, RGBA, CMYK, palette), a file path,
-    encoded image bytes, an ``(H, W)`` / ``(H, W, C)`` uint8 array, or a
+    encoded image bytes or an open binary file, an ``(H, W)`` / ``(H, W, C)`` uint8 array, or a
     ``datasets`` image dict (``{"bytes": ..., "path": ...}``).
     Raises :class:`ImageLoadError` naming the problem.
     """
@@ -47,6 +47,8 @@ def load_image(item: ImageLike) -> Image.Image | torch.Tensor:
         if item.get("bytes"):
             return load_image(item["bytes"])
         return load_image(item["path"])
+    if hasattr(item, "read") and not isinstance(item, (str, os.PathLike)):  # an open binary file
+        item = item.read()
     if isinstance(item, (bytes, bytearray)):
         try:
             with Image.open(io.BytesIO(item)) as im:
@@ -118,7 +120,7 @@ def iter_images(source: Any) -> Iterator[tuple[Any, Image.Image | torch.Tensor |
         for path in list_image_files(source):
             yield str(path), _load_or_error(path)
         return
-    if isinstance(source, (Image.Image, str, os.PathLike, bytes, np.ndarray, torch.Tensor)):
+    if isinstance(source, (Image.Image, str, os.PathLike, bytes, np.ndarray, torch.Tensor)) or hasattr(source, "read"):
         yield 0, _load_or_error(source)
         return
     if hasattr(source, "features") and hasattr(source, "__iter__"):
@@ -144,7 +146,7 @@ def source_length(source: Any) -> int | None:
     """Return the number of images ``source`` holds, or ``None`` when unknown (streams)."""
     if isinstance(source, torch.Tensor):
         return source.shape[0] if source.ndim == 4 else 1
-    if isinstance(source, (Image.Image, bytes, np.ndarray)):
+    if isinstance(source, (Image.Image, bytes, np.ndarray)) or hasattr(source, "read"):
         return 1
     if isinstance(source, (str, os.PathLike)):
         return len(list_image_files(source)) if Path(source).is_dir() else 1

@@ -251,6 +251,21 @@ class Tower:
         return None
 
 
+def _shape_recorder(found: dict, name: str, site_name: str, module: nn.Module, point: str = "output"):
+    """A hook that records the first shape a module emits (``output``) or receives (``input``)."""
+    if point == "output":
+        def hook(_m, _inp, out):
+            t = _first_tensor(out)
+            if t is not None and site_name not in found:
+                found[site_name] = (name, site_name, module, point, t.shape)
+        return hook
+
+    def pre_hook(_m, inp):
+        if inp and isinstance(inp[0], torch.Tensor) and site_name not in found:
+            found[site_name] = (name, site_name, module, point, inp[0].shape)
+    return pre_hook
+
+
 def discover_sites(root: nn.Module, towers: Sequence[Tower]) -> dict[str, Site]:
     """Find every site by running each tower once on a dummy batch, recording output shapes."""
     batch = 3  # differs from every token count a CLIP tower produces (1 + g*g, context length)
@@ -266,25 +281,11 @@ def discover_sites(root: nn.Module, towers: Sequence[Tower]) -> dict[str, Site]:
                 claimed.add(n)
         found: dict[str, tuple[str, str, nn.Module, str, torch.Size]] = {}
         handles = []
-
-        def make_out(name: str, site_name: str, module: nn.Module):
-            def hook(_m, _inp, out):
-                t = _first_tensor(out)
-                if t is not None and site_name not in found:
-                    found[site_name] = (name, site_name, module, "output", t.shape)
-            return hook
-
-        def make_in(name: str, site_name: str, module: nn.Module):
-            def hook(_m, inp):
-                key = site_name + ".pre"
-                if inp and isinstance(inp[0], torch.Tensor) and key not in found:
-                    found[key] = (name, key, module, "input", inp[0].shape)
-            return hook
-
         for name, site_name, module in members:
-            handles.append(module.register_forward_hook(make_out(name, site_name, module)))
+            handles.append(module.register_forward_hook(_shape_recorder(found, name, site_name, module)))
             if isinstance(module, _ACTIVATIONS):
-                handles.append(module.register_forward_pre_hook(make_in(name, site_name, module)))
+                handles.append(module.register_forward_pre_hook(
+                    _shape_recorder(found, name, site_name + ".pre", module, point="input")))
         try:
             with torch.no_grad():
                 tower.run(batch)
@@ -333,11 +334,6 @@ class Activations(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._chunks)
-
-    def clear(self) -> None:
-        """Drop what was recorded so far (the hooks stay in place)."""
-        for chunks in self._chunks.values():
-            chunks.clear()
 
 
 class HookedModel:

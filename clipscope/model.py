@@ -16,7 +16,6 @@ checkpoint that needs pickled code is refused (:class:`~clipscope.hub.UnsafeChec
 from __future__ import annotations
 
 import contextlib
-import html
 import os
 import pickle
 import warnings

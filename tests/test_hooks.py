@@ -75,7 +75,6 @@ class TestCapture:
         assert x.grad.abs().sum() > 0
 
     def test_hooks_are_removed_after_the_block(self, tiny_vit):
-        x = _batch(tiny_vit)
         with tiny_vit.capture("visual.ln_post"):
             pass
         assert all(not m._forward_hooks for m in tiny_vit.model.modules())

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from clipscope import EmbeddedImages, ImageLoadError, Unit
 from clipscope.prompts import OPENAI_IMAGENET_TEMPLATES
 
-from .conftest import make_images
 
 
 class TestEncoding:
@@ -116,3 +115,13 @@ class TestZeroShot:
         assert list(frame.columns) == ["prediction", *self.CLASSES] and len(frame) == 5
         assert "<table" in result._repr_html_()
         assert len(result.plot(max_images=3).axes) == 3
+
+
+def test_open_binary_files_are_read(tiny, images, tmp_path):
+    images[0].save(tmp_path / "a.png")
+    with open(tmp_path / "a.png", "rb") as fh:
+        from_file = tiny.encode_image([fh])
+    with open(tmp_path / "a.png", "rb") as fh:
+        alone = tiny.encode_image(fh)
+    assert torch.allclose(from_file, tiny.encode_image([images[0]]), atol=1e-5)
+    assert torch.allclose(alone, from_file, atol=1e-5)

@@ -7,7 +7,6 @@ import torch
 
 from clipscope.probe import fit_linear_probe
 
-from .conftest import make_images
 
 
 def test_probe_separates_separable_classes_and_records_its_sweep():
