@@ -42,6 +42,51 @@ def cmd_layers(args) -> int:
     return 0
 
 
+def cmd_attack(args) -> int:
+    import yaml
+
+    from .typographic.run import run_attack_config
+    config = {}
+    if args.config:
+        with open(args.config) as fh:
+            config = yaml.safe_load(fh) or {}
+    data = dict(config.get("data") or {})
+    if args.folder:
+        data["path"] = args.folder
+    if args.format:
+        data["format"] = args.format
+    config["data"] = data
+    attack = dict(config.get("attack") or {})
+    for key in ("target", "size", "position", "colour", "opacity"):
+        if getattr(args, key) is not None:
+            attack[key] = getattr(args, key)
+    config["attack"] = attack
+    if args.classes:
+        config["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
+    if args.sweep:
+        name, _, values = args.sweep.partition("=")
+        config["sweep"] = {name: [_number(v) for v in values.split(",")]}
+    if args.defence:
+        config["defences"] = args.defence
+    if args.out:
+        config["out"] = args.out
+    for key in ("model", "pretrained"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    index = run_attack_config(config)
+    print(f"report: {index.resolve()}")
+    return 0
+
+
+def _number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     run_demo(args.model, pretrained=args.pretrained, device=args.device, out=args.out)
@@ -64,6 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.set_defaults(func=cmd_score)
 
+    p = sub.add_parser("attack", help="run a typographic attack over a folder and write a report")
+    p.add_argument("folder", nargs="?", help="image folder (labels = sub-folder names) or a public attack set")
+    p.add_argument("--config", help="YAML file with the run's settings (flags override it)")
+    p.add_argument("--format", choices=["imagefolder", "paint", "rta100", "scam", "materzynska"])
+    p.add_argument("--classes", help="comma-separated class names (default: the folder's labels)")
+    p.add_argument("--target", help="write this class name on every image (default: a wrong class per image)")
+    p.add_argument("--size", type=float, help="text size: fraction of the shorter side (<1) or pixels")
+    p.add_argument("--position", help="center, top-left, ..., random, fixed8:K")
+    p.add_argument("--colour", help="text colour")
+    p.add_argument("--opacity", type=float)
+    p.add_argument("--sweep", help="one parameter and its values, e.g. size=0.1,0.2,0.3")
+    p.add_argument("--defence", action="append", choices=["prompt", "ablation"], help="add a defence (repeatable)")
+    p.add_argument("--out", help="report folder (default: attack-report)")
+    p.add_argument("--model", default=None, help="model name (default: the config's, else 'organism')")
+    p.add_argument("--pretrained", default=None)
+    p.set_defaults(func=cmd_attack)
+
     p = sub.add_parser("layers", help="list a model's hookable sites")
     p.add_argument("--tower", choices=["visual", "text"])
     _model_args(p)
@@ -77,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .scoring import RequestError
     try:
         return args.func(args)
-    except (UnknownModelError, WeightsNotAvailableError, UnsafeCheckpointError, RequestError) as exc:
+    except (UnknownModelError, WeightsNotAvailableError, UnsafeCheckpointError, RequestError, ValueError,
+            FileNotFoundError) as exc:
         print(f"clipscope: error: {exc}", file=sys.stderr)
         return 2
 

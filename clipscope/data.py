@@ -174,3 +174,63 @@ class EmbeddedImages:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+def batched(iterable: Iterable, size: int) -> Iterator[list]:
+    """Yield lists of ``size`` consecutive items (the last may be shorter)."""
+    batch: list = []
+    for item in iterable:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+def prefetch(iterable: Iterable, depth: int = 2) -> Iterator:
+    """Run ``iterable`` in a background thread, ``depth`` items ahead of the consumer.
+
+    Used to overlap CPU work (image decoding, text rendering) with model forward
+    passes. Exceptions in the producer are re-raised in the consumer.
+    """
+    import queue
+    import threading
+
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in iterable:
+                if stop.is_set():
+                    return
+                items.put(item)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            items.put(_Failure(exc))
+            return
+        items.put(done)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is done:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                items.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)

@@ -199,6 +199,12 @@ class Unit:
         view[tuple(where)] = value
 
 
+def unit_means(acts: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Every unit's value per example, ``(B, n_units)``: the mean over positions/tokens (vectors as they are)."""
+    view = feature_last(acts, layout)
+    return view if view.ndim == 2 else view.flatten(1, -2).mean(dim=1)
+
+
 def feature_last(acts: torch.Tensor, layout: Layout) -> torch.Tensor:
     """Return a view of canonical ``acts`` with the channel/feature axis last (conv: ``(B, H, W, C)``)."""
     return acts.movedim(1, -1) if layout == "conv" else acts

@@ -1,0 +1,296 @@
+"""Evaluating typographic attacks: clean vs attacked zero-shot predictions, metrics, sweeps.
+
+Metrics (all fractions in [0, 1]):
+
+- ``clean_accuracy`` / ``attacked_accuracy``: top-1 equals the true label;
+- ``attack_success_rate``: the attacked top-1 is the written class, among images
+  whose clean top-1 was not already that class (the definition of Goh et al.,
+  Distill 2021); undefined for free text that is not a class;
+- ``mean_target_probability``: mean attacked probability of the written class;
+- ``mean_cover``: mean fraction of pixels the text changed;
+- ``text_detected_rate``: attacked images predicted as a defence's "text" class.
+"""
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data import batched, prefetch, source_length
+from .attack import Attack, AttackedImage, generate
+from .defences import Defence
+
+TEXT = "<text>"  # the prediction recorded when a defence's "text that says ..." class wins
+
+METRICS = ("clean_accuracy", "attacked_accuracy", "attack_success_rate", "mean_target_probability",
+           "mean_cover", "text_detected_rate")
+
+
+def _nanmean(values) -> float:
+    arr = np.asarray([v for v in values if v is not None], dtype=float)
+    arr = arr[~np.isnan(arr)]
+    return float(arr.mean()) if arr.size else float("nan")
+
+
+@dataclass
+class AttackResult:
+    """One attack (optionally under a defence) evaluated on a data set.
+
+    ``frame`` has one row per image; ``metrics`` the figures listed in the module
+    docstring; ``examples`` a few (clean, attacked) pairs for plots; ``skipped``
+    the ``(key, reason)`` of unreadable images.
+    """
+
+    frame: Any
+    metrics: dict[str, float]
+    classes: list[str]
+    attack: str
+    defence: str
+    examples: list[AttackedImage] = field(default_factory=list)
+    skipped: list[tuple[Any, str]] = field(default_factory=list)
+
+    def to_frame(self):
+        """Per-image rows: key, label, text, cover, clean/attacked prediction and probabilities, success."""
+        return self.frame
+
+    def summary(self):
+        """One-row DataFrame of the metrics, with the attack and defence descriptions."""
+        import pandas as pd
+        return pd.DataFrame([{"attack": self.attack, "defence": self.defence, **self.metrics}])
+
+    def per_class(self):
+        """Metrics per true class: n, clean and attacked accuracy, attack success rate."""
+        f = self.frame
+        return f.groupby("label").agg(n=("label", "size"), clean_accuracy=("clean_correct", "mean"),
+                                      attacked_accuracy=("attacked_correct", "mean"),
+                                      attack_success_rate=("success", "mean"),
+                                      mean_target_probability=("attacked_p_target", "mean"))
+
+    def plot(self, n_examples: int = 4):
+        """Bars of the main metrics and a row of attacked examples with their predictions; returns the figure."""
+        import matplotlib.pyplot as plt
+        n_ex = min(n_examples, len(self.examples))
+        fig, axes = plt.subplots(1, 1 + n_ex, figsize=(3.2 * (1 + n_ex), 3.2), squeeze=False,
+                                 gridspec_kw={"width_ratios": [1.6] + [1] * n_ex})
+        names = ["clean_accuracy", "attacked_accuracy", "attack_success_rate"]
+        values = [self.metrics[n] for n in names]
+        ax = axes[0, 0]
+        ax.bar(range(3), [0 if math.isnan(v) else v for v in values], color=["tab:green", "tab:orange", "tab:red"])
+        ax.set_xticks(range(3), ["clean acc.", "attacked acc.", "success"], fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{self.defence}" if self.defence != "none" else "no defence", fontsize=9)
+        rows = self.frame.set_index("index")
+        for ax, ex in zip(axes[0, 1:], self.examples[:n_ex]):
+            ax.imshow(ex.attacked)
+            row = rows.loc[ex.index]
+            ax.set_title(f"{row['label']} -> {row['attacked_prediction']}", fontsize=8)
+            ax.axis("off")
+        fig.tight_layout()
+        return fig
+
+    def _repr_html_(self) -> str:
+        import html
+        table = self.summary().drop(columns=["attack", "defence"]).to_html(index=False, float_format="{:.3f}".format)
+        note = f"; {len(self.skipped)} unreadable image(s) skipped" if self.skipped else ""
+        return (f"<p><b>{html.escape(self.attack)}</b><br>defence: {html.escape(self.defence)}; "
+                f"{len(self.frame)} images{note}</p>{table}")
+
+
+def _scores(model, images, defence: Defence, class_emb: torch.Tensor, class_map: list[str | None],
+            classes: Sequence[str]) -> tuple[torch.Tensor, list[str]]:
+    """Return (probabilities over the original classes (n, C), top-1 prediction names)."""
+    x = torch.stack([model.preprocess(defence.image(im)) for im in images])
+    with torch.no_grad():
+        emb = model.encode_image(x).cpu()
+    probs = (model.logit_scale * emb @ class_emb.T).softmax(dim=-1)
+    top = probs.argmax(dim=1).tolist()
+    index = {c: i for i, c in enumerate(classes)}
+    merged = torch.zeros(len(images), len(classes))
+    for j, original in enumerate(class_map):
+        if original is not None:
+            merged[:, index[original]] += probs[:, j]
+    return merged, [class_map[t] if class_map[t] is not None else TEXT for t in top]
+
+
+def evaluate(model, images: Any, labels: Sequence[str | None], classes: Sequence[str], attack: Attack, *,
+             defence: Defence | None = None, templates: str | Sequence[str] | None = None, batch_size: int = 32,
+             seed: int = 0, progress: bool | None = None, n_examples: int = 8,
+             _clean_cache: dict | None = None) -> AttackResult:
+    """Attack ``images`` and compare zero-shot predictions before and after; returns an :class:`AttackResult`.
+
+    ``labels`` are the true class names (or ``None`` where unknown) in the order of
+    ``images`` (any source :func:`clipscope.data.iter_images` reads, generated
+    lazily). Rendering runs in a background thread, one batch ahead of the model.
+    """
+    import pandas as pd
+
+    classes = list(classes)
+    defence = defence or Defence()
+    labels = list(labels)
+    bad = sorted({l for l in labels if l is not None and l not in classes})
+    if bad:
+        raise ValueError(f"label(s) {bad[:5]} are not among the classes {classes}")
+    attack.check(classes)
+    score_classes, class_map = defence.classes(classes)
+    skipped: list = []
+    rows, examples = [], []
+    total = source_length(images)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, desc="typographic attack", leave=False,
+               disable=not (progress if progress is not None else (total or 0) > batch_size))
+    with defence.context(model):
+        class_emb = model.class_embeddings(score_classes, defence.templates(templates)).cpu()
+        stream = prefetch(batched(generate(attack, images, labels, classes, seed=seed, skipped=skipped), batch_size))
+        for chunk in stream:
+            cached = _clean_cache is not None and all(it.index in _clean_cache for it in chunk)
+            if cached:
+                clean_p = torch.stack([_clean_cache[it.index][0] for it in chunk])
+                clean_pred = [_clean_cache[it.index][1] for it in chunk]
+            else:
+                clean_p, clean_pred = _scores(model, [it.clean for it in chunk], defence, class_emb, class_map,
+                                              classes)
+                if _clean_cache is not None:
+                    _clean_cache.update({it.index: (clean_p[i], clean_pred[i]) for i, it in enumerate(chunk)})
+            att_p, att_pred = _scores(model, [it.attacked for it in chunk], defence, class_emb, class_map, classes)
+            for i, it in enumerate(chunk):
+                target = classes.index(it.text) if it.text in classes else None
+                label = classes.index(it.label) if it.label is not None else None
+                defined = target is not None and clean_pred[i] != it.text
+                rows.append({
+                    "index": it.index, "key": it.key, "label": it.label, "text": it.text, "cover": it.cover,
+                    "clean_prediction": clean_pred[i], "attacked_prediction": att_pred[i],
+                    "clean_correct": float(clean_pred[i] == it.label) if label is not None else np.nan,
+                    "attacked_correct": float(att_pred[i] == it.label) if label is not None else np.nan,
+                    "clean_p_label": float(clean_p[i, label]) if label is not None else np.nan,
+                    "attacked_p_label": float(att_p[i, label]) if label is not None else np.nan,
+                    "clean_p_target": float(clean_p[i, target]) if target is not None else np.nan,
+                    "attacked_p_target": float(att_p[i, target]) if target is not None else np.nan,
+                    "success": float(att_pred[i] == it.text) if defined else np.nan,
+                })
+                if len(examples) < n_examples:
+                    examples.append(it)
+            bar.update(len(chunk))
+    bar.close()
+    frame = pd.DataFrame(rows, columns=["index", "key", "label", "text", "cover", "clean_prediction",
+                                        "attacked_prediction", "clean_correct", "attacked_correct", "clean_p_label",
+                                        "attacked_p_label", "clean_p_target", "attacked_p_target", "success"])
+    metrics = {
+        "n": float(len(frame)), "n_skipped": float(len(skipped)),
+        "clean_accuracy": _nanmean(frame["clean_correct"]),
+        "attacked_accuracy": _nanmean(frame["attacked_correct"]),
+        "attack_success_rate": _nanmean(frame["success"]),
+        "mean_target_probability": _nanmean(frame["attacked_p_target"]),
+        "mean_cover": _nanmean(frame["cover"]),
+        "text_detected_rate": float((frame["attacked_prediction"] == TEXT).mean()) if len(frame) else float("nan"),
+    }
+    return AttackResult(frame, metrics, classes, attack.describe(), defence.describe(), examples, skipped)
+
+
+# ---------------------------------------------------------------------------------------
+# Sweeps
+
+SWEEPABLE = ("size", "opacity", "position", "font", "colour", "box", "box_opacity", "rotation", "repeat", "word")
+
+
+def _vary(attack: Attack, classes: Sequence[str], **values) -> Attack:
+    if "word" in values:
+        word = values.pop("word")
+        attack = (Attack.targeted(word, attack.style, attack.position) if word in classes
+                  else Attack.free_text(word, attack.style, attack.position))
+    return attack.replace(**values) if values else attack
+
+
+@dataclass
+class SweepResult:
+    """Metrics for every combination of one or two swept attack parameters (one row each in ``frame``)."""
+
+    frame: Any
+    params: list[str]
+    results: list[AttackResult]
+
+    def to_frame(self):
+        return self.frame
+
+    def plot(self, metric: str = "attack_success_rate", ax=None):
+        """Line plot of ``metric`` against the parameter (one parameter) or a heatmap (two); returns the figure."""
+        import matplotlib.pyplot as plt
+        if metric not in self.frame.columns:
+            raise ValueError(f"unknown metric {metric!r}; valid: {[m for m in METRICS if m in self.frame]}")
+        if ax is None:
+            _, ax = plt.subplots(figsize=(5, 3.5))
+        if len(self.params) == 1:
+            p = self.params[0]
+            labels = [str(v) for v in self.frame[p]]
+            numeric = all(isinstance(v, (int, float)) for v in self.frame[p])
+            xs = list(self.frame[p]) if numeric else range(len(labels))
+            ax.plot(xs, self.frame[metric], marker="o")
+            if not numeric:
+                ax.set_xticks(list(xs), labels, rotation=30, ha="right", fontsize=8)
+            ax.set_xlabel(p)
+            ax.set_ylabel(metric.replace("_", " "))
+            ax.set_ylim(-0.02, 1.02)
+        else:
+            p, q = self.params
+            grid = self.frame.pivot(index=p, columns=q, values=metric)
+            im = ax.imshow(grid.values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            ax.set_yticks(range(len(grid.index)), [str(v) for v in grid.index])
+            ax.set_xticks(range(len(grid.columns)), [str(v) for v in grid.columns], rotation=30, ha="right")
+            ax.set_ylabel(p)
+            ax.set_xlabel(q)
+            ax.figure.colorbar(im, ax=ax, label=metric.replace("_", " "))
+        ax.set_title(f"{metric.replace('_', ' ')} vs {' x '.join(self.params)}", fontsize=9)
+        ax.figure.tight_layout()
+        return ax.figure
+
+    def _repr_html_(self) -> str:
+        return self.frame.to_html(index=False, float_format="{:.3f}".format)
+
+
+def sweep(model, images: Any, labels: Sequence[str | None], classes: Sequence[str], attack: Attack,
+          vary: dict[str, Sequence[Any]], *, defence: Defence | None = None,
+          templates: str | Sequence[str] | None = None, batch_size: int = 32, seed: int = 0,
+          progress: bool | None = None) -> SweepResult:
+    """Evaluate ``attack`` with one or two parameters varied over the given values; returns a :class:`SweepResult`.
+
+    Parameters are :data:`SWEEPABLE` (text style fields, ``position``, and
+    ``word``: the text written). ``images`` must be re-iterable (a list, folder or
+    data set). Clean predictions are computed once and shared by every setting.
+    """
+    import itertools
+
+    import pandas as pd
+
+    if not 1 <= len(vary) <= 2:
+        raise ValueError("vary one or two parameters, e.g. vary={'size': [0.1, 0.2, 0.3]}")
+    unknown = [p for p in vary if p not in SWEEPABLE]
+    if unknown:
+        raise ValueError(f"cannot sweep {unknown}; sweepable parameters: {list(SWEEPABLE)}")
+    if iter(images) is images:
+        raise TypeError("sweep needs re-iterable images (a list, folder or data set), not a one-shot iterator")
+    params = list(vary)
+    clean_cache: dict = {}
+    rows, results = [], []
+    combos = list(itertools.product(*vary.values()))
+    from tqdm.auto import tqdm
+    for combo in tqdm(combos, desc="sweep", leave=False, disable=not (progress if progress is not None else True)):
+        values = dict(zip(params, combo))
+        result = evaluate(model, images, labels, classes, _vary(attack, classes, **dict(values)), defence=defence,
+                          templates=templates, batch_size=batch_size, seed=seed, progress=False, n_examples=2,
+                          _clean_cache=clean_cache)
+        results.append(result)
+        rows.append({**values, **{k: result.metrics[k] for k in ("n", *METRICS)}})
+    return SweepResult(pd.DataFrame(rows), params, results)
+
+
+def figure_png(fig) -> bytes:
+    """PNG bytes of a matplotlib figure (closes it)."""
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
