@@ -6,10 +6,9 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
-from clipscope.typographic import (FIXED8, AblationDefence, Attack, Defence, FunctionDefence, PromptDefence,
+from clipscope.typographic import (FIXED8, AblationDefence, Attack, FunctionDefence, PromptDefence,
                                    TextStyle, evaluate, export_attack_set, find_text_units, load_label_text_folder,
                                    load_materzynska, load_paint, load_rta100, load_scam, render_text, sweep)
 from clipscope.typographic.evaluate import TEXT

@@ -1,0 +1,174 @@
+"""Render: optimize images that maximize an objective, many units at once in one batch."""
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import io
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..hooks import Unit
+from ..io import write_bytes_atomic
+from .facets import second_order_forward
+from .objectives import Context, Objective, batched, unit, unit_label
+from .param import ImageParam, make_param
+from .transform import ClipInput, Compose, standard_transforms
+
+
+@dataclass
+class RenderResult:
+    """The images a :func:`render` call produced.
+
+    - ``images``: float32 ``(B, 3, H, W)`` in [0, 1], on the CPU;
+    - ``trace``: float32 ``(steps, B)``, each element's objective value at each
+      step (measured on the transformed images, before that step's update);
+    - ``units``: what element ``i`` maximized (the :class:`~clipscope.hooks.Unit`
+      or :class:`~clipscope.optvis.objectives.Objective` given);
+    - ``seed``: the seed used.
+    """
+
+    images: torch.Tensor
+    trace: torch.Tensor
+    units: list[Unit | Objective]
+    seed: int
+
+    @property
+    def labels(self) -> list[str]:
+        """A short name per image."""
+        return [unit_label(u) if isinstance(u, Unit) else u.name for u in self.units]
+
+    def pil_images(self) -> list:
+        """The images as ``PIL.Image`` (8-bit RGB)."""
+        from PIL import Image
+        arrays = (self.images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+        return [Image.fromarray(a) for a in arrays]
+
+    def plot(self, columns: int = 8, scale: float = 1.6):
+        """A grid of the images titled by unit, ``scale`` inches per image; returns the figure."""
+        import matplotlib.pyplot as plt
+        n = len(self.images)
+        cols = max(1, min(columns, n))
+        rows = -(-n // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(scale * cols, scale * rows + 0.3), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, img, label in zip(axes.flat, self.images, self.labels):
+            ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
+            ax.set_title(label, fontsize=7)
+        fig.tight_layout()
+        return fig
+
+    def _grid(self, columns: int = 8, tile: int = 128, gap: int = 2):
+        from PIL import Image
+        images = self.pil_images()
+        cols = max(1, min(columns, len(images)))
+        rows = -(-len(images) // cols)
+        grid = Image.new("RGB", (cols * (tile + gap) - gap, rows * (tile + gap) - gap), "white")
+        for i, img in enumerate(images):
+            resample = Image.NEAREST if img.width < tile else Image.BILINEAR
+            grid.paste(img.resize((tile, tile), resample), ((i % cols) * (tile + gap), (i // cols) * (tile + gap)))
+        return grid
+
+    def _repr_html_(self) -> str:
+        buf = io.BytesIO()
+        self._grid().save(buf, format="PNG")
+        png = base64.b64encode(buf.getvalue()).decode("ascii")
+        final = self.trace[-1].tolist() if len(self.trace) else [float("nan")] * len(self.images)
+        caption = ", ".join(f"{label} ({v:.3g})" for label, v in zip(self.labels, final))
+        return (f'<img src="data:image/png;base64,{png}"/><p>{len(self.images)} image(s), {len(self.trace)} steps, '
+                f"seed {self.seed}; final objective: {html.escape(caption)}</p>")
+
+    def save(self, folder: str | Path) -> list[Path]:
+        """Write one PNG per image, ``NNN_label.png``, into ``folder`` (each written atomically); returns the paths."""
+        folder = Path(folder)
+        paths = []
+        for i, (img, label) in enumerate(zip(self.pil_images(), self.labels)):
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            slug = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")[:80]
+            paths.append(write_bytes_atomic(folder / f"{i:03d}_{slug}.png", buf.getvalue()))
+        return paths
+
+
+def render(model, objective_or_units: Objective | Unit | Sequence[Objective | Unit], *,
+           param: str | ImageParam = "fourier", transforms: Callable | Sequence[Callable] | None = None,
+           size: int | tuple[int, int] | None = None, steps: int = 256, lr: float | None = None,
+           batch: int | None = None, seed: int = 0, progress: bool = True) -> RenderResult:
+    """Optimize a batch of images to maximize an objective; returns a :class:`RenderResult`.
+
+    - ``objective_or_units``: one :class:`Objective` or :class:`~clipscope.hooks.Unit`,
+      rendered ``batch`` times (default: the batch of an ``ImageParam`` given, else 1);
+      or a sequence of them, one per batch element, all optimized together in one
+      batch (:func:`~clipscope.optvis.objectives.batched`).
+    - ``param``: ``"fourier"`` (default), ``"pixels"``, ``"maco"`` or an
+      :class:`~clipscope.optvis.param.ImageParam` (its batch size must match).
+    - ``transforms``: applied to the images before the model at every step; ``None``
+      is :func:`~clipscope.optvis.transform.standard_transforms`, ``()`` none. The
+      model's own resize and normalization (:class:`~clipscope.optvis.transform.ClipInput`)
+      always comes last.
+    - ``size``: the rendered image size, default the model's input size (an
+      ``ImageParam`` given brings its own).
+    - ``lr``: Adam's learning rate, default the parameterization's ``lr``.
+    - ``seed``: seeds the initial images and the random transforms; the same seed
+      gives the same images (bit for bit on the CPU).
+
+    Each step is one forward and one backward pass of the image tower on the whole
+    batch, capturing only the sites the objective reads.
+    """
+    items = list(objective_or_units) if isinstance(objective_or_units, (list, tuple)) else None
+    if items is not None:
+        if batch is not None and batch != len(items):
+            raise ValueError(f"batch={batch} but {len(items)} objectives/units were given (one per batch element)")
+        objective, units, n = batched(items), items, len(items)
+    else:
+        n = int(batch) if batch is not None else param.batch if isinstance(param, ImageParam) else 1
+        single = objective_or_units
+        objective = unit(single) if isinstance(single, Unit) else single
+        units = [single] * n
+    if not isinstance(objective, Objective):
+        raise TypeError(f"expected an Objective, a Unit or a sequence of them, got {type(objective_or_units).__name__}")
+    if n < 1 or steps < 1:
+        raise ValueError(f"batch and steps must be at least 1 (got batch={n}, steps={steps})")
+    objective.check(model)
+
+    if isinstance(param, ImageParam):
+        if param.batch != n:
+            raise ValueError(f"the parameterization holds {param.batch} images but the batch has {n}")
+        image_param = param
+    else:
+        image_param = make_param(param, n, size or model.image_size, seed=seed, device=model.device)
+    if transforms is None:
+        transforms = standard_transforms(image_param.size)
+    elif not callable(transforms):
+        transforms = Compose(transforms)
+    pipeline = Compose([transforms, ClipInput(model)])
+    optimizer = torch.optim.Adam(image_param.parameters(), lr=image_param.lr if lr is None else lr)
+    generator = torch.Generator().manual_seed(int(seed))
+
+    forward_context = second_order_forward if objective.second_order else contextlib.nullcontext
+    from tqdm.auto import tqdm
+    bar = tqdm(range(steps), desc="render", disable=not progress, leave=False)
+    trace = []
+    with torch.enable_grad():
+        for step in bar:
+            optimizer.zero_grad(set_to_none=True)
+            image = image_param()
+            with forward_context(), model.capture(objective.sites, grad=True) as acts:
+                embedding = model.encode_image(pipeline(image, generator=generator), normalize=False)
+            values = objective(Context(model, acts, embedding, image))
+            if values.shape != (n,):
+                raise ValueError(f"objective {objective.name!r} returned shape {tuple(values.shape)}; "
+                                 f"expected ({n},), one value per batch element")
+            (-values.sum()).backward()
+            optimizer.step()
+            trace.append(values.detach())
+            if progress and (step % 16 == 0 or step == steps - 1):
+                bar.set_postfix(objective=f"{values.detach().mean().item():.3g}")
+    with torch.no_grad():
+        images = image_param().float().cpu()
+    return RenderResult(images, torch.stack(trace).float().cpu(), list(units), int(seed))
