@@ -31,6 +31,9 @@ test: install
 ## make bench: print the benchmark figures (not part of the tests)
 bench: install
 	$(PY) bench/hook_overhead.py
+	$(PY) bench/typographic_throughput.py
+	$(PY) bench/optvis_vs_lucent.py
+	$(PY) bench/audit_cache.py
 
 clean:
 	rm -rf $(VENV) clipscope-demo .pytest_cache

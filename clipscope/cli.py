@@ -87,6 +87,11 @@ def _number(text: str):
     return text.strip()
 
 
+def cmd_audit(args) -> int:
+    from .audit.run import cli_audit
+    return cli_audit(args.spec, args.out)
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     run_demo(args.model, pretrained=args.pretrained, device=args.device, out=args.out)
@@ -125,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model name (default: the config's, else 'organism')")
     p.add_argument("--pretrained", default=None)
     p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("audit", help="run a bias audit spec (YAML) and write its report")
+    p.add_argument("spec", help="audit spec, e.g. audits/organism_planted_bias.yaml")
+    p.add_argument("--out", default=None, help="output folder (default: the spec's)")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("layers", help="list a model's hookable sites")
     p.add_argument("--tower", choices=["visual", "text"])

@@ -437,6 +437,27 @@ def load(name: str, pretrained: str | None = None, device: str | torch.device = 
     return _load_open_clip_name(name, pretrained, dev, dtype)
 
 
+def parse_model_spec(spec: str) -> tuple[str, str | None]:
+    """Split ``"NAME/TAG"`` (e.g. ``"RN50x4/openai"``) into (name, pretrained); other forms pass through.
+
+    ``hf-hub:`` and ``hf:`` ids, folders and plain names come back with ``pretrained=None``.
+    """
+    if spec.startswith(("hf-hub:", "hf:")) or os.path.exists(spec) or "/" not in spec:
+        return spec, None
+    name, tag = spec.rsplit("/", 1)
+    return name, tag
+
+
+def load_from_env(default: str = "organism", variable: str = "CLIPSCOPE_MODEL", **kwargs) -> ClipModel:
+    """Load the model named by the environment variable ``variable`` (``NAME`` or ``NAME/TAG``), else ``default``.
+
+    This is how notebooks switch from the organism to a real model with one variable:
+    ``CLIPSCOPE_MODEL=RN50x4/openai jupyter lab``.
+    """
+    name, tag = parse_model_spec(os.environ.get(variable) or default)
+    return load(name, pretrained=tag, **kwargs)
+
+
 def _unknown_model(name: Any, extra: str = "") -> hub.UnknownModelError:
     import open_clip
     candidates = open_clip.list_models() + ["organism"]

@@ -229,3 +229,17 @@ class TestSafeLoading:
         with pytest.raises(UnsafeCheckpointError):
             clipscope.load("hf-hub:evil/repo")
         assert not sentinel.exists()
+
+
+class TestModelFromEnvironment:
+    @pytest.mark.parametrize("spec,expected", [
+        ("organism", ("organism", None)), ("RN50x4/openai", ("RN50x4", "openai")),
+        ("hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K", ("hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K", None)),
+        ("hf:openai/clip-vit-large-patch14", ("hf:openai/clip-vit-large-patch14", None)),
+    ])
+    def test_model_specs_split_name_and_tag(self, spec, expected):
+        assert clipscope.parse_model_spec(spec) == expected
+
+    def test_the_variable_picks_the_model(self, monkeypatch):
+        monkeypatch.setenv("CLIPSCOPE_MODEL", "clipscope-tiny-vit")
+        assert clipscope.load_from_env().name == "clipscope-tiny-vit"

@@ -1,0 +1,345 @@
+"""Audit metrics: disaggregated rates with bootstrap intervals, significance tests, retrieval skew.
+
+Classification side (:func:`disaggregate`): for binary per-image outcomes (``assigned a harmful
+class``, ``correct``), the rate in every group, the group's difference and ratio to the rest of the
+data (all other groups pooled), their percentile-bootstrap intervals, Fisher's exact test and a
+two-proportion z-test of the gap (two-sided, Holm-adjusted across the groups of one grouping), and
+for the grouping as a whole the largest gap (max - min), the smallest ratio (min / max) and a
+chi-square test of homogeneity. Point estimates come from fairlearn's ``MetricFrame``.
+
+The bootstrap resamples images *within each group* (group sizes fixed), with draws that depend only
+on ``(seed, grouping, group)``. Every outcome computed for the same rows therefore uses the same
+resamples, which makes intervals for the change between two taxonomies *paired*.
+
+Retrieval side (:func:`max_skew_at_k`, :func:`ndkl`, :func:`retrieval_metrics`): rank images by
+similarity to a text query and compare the groups among the top ``k`` with a desired distribution
+(Geyik et al., 2019; Berg et al., 2022). ``Skew@k(a) = ln(p_topk(a) / p_desired(a))``;
+``MaxSkew@k = max_a Skew@k(a)``; ``NDKL = (1/Z) sum_{i<=k} KL(D_top-i || D_desired) / log2(i + 1)``
+with ``Z = sum_{i<=k} 1 / log2(i + 1)``.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+_MAX_DRAW_CELLS = 4_000_000  # bootstrap draws held in memory at once
+
+
+# ---------------------------------------------------------------------------------------
+# tests
+
+
+def two_proportion_z(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float]:
+    """Pooled two-proportion z statistic for ``k1/n1 - k2/n2`` and its two-sided p-value."""
+    if n1 == 0 or n2 == 0:
+        return float("nan"), float("nan")
+    p = (k1 + k2) / (n1 + n2)
+    se = math.sqrt(p * (1 - p) * (1 / n1 + 1 / n2))
+    if se == 0:
+        return 0.0, 1.0
+    z = (k1 / n1 - k2 / n2) / se
+    return z, math.erfc(abs(z) / math.sqrt(2))
+
+
+def fisher_p(k1: int, n1: int, k2: int, n2: int) -> float:
+    """Two-sided Fisher exact p-value for the 2x2 table ``[[k1, n1-k1], [k2, n2-k2]]``."""
+    from scipy.stats import fisher_exact
+    if n1 == 0 or n2 == 0:
+        return float("nan")
+    return float(fisher_exact([[k1, n1 - k1], [k2, n2 - k2]]).pvalue)
+
+
+def chi2_homogeneity_p(k: Sequence[int], n: Sequence[int]) -> float:
+    """p-value of the chi-square test that every group has the same rate (1.0 when no outcome varies)."""
+    from scipy.stats import chi2_contingency
+    k, n = np.asarray(k, float), np.asarray(n, float)
+    keep = n > 0
+    k, n = k[keep], n[keep]
+    if len(k) < 2 or k.sum() == 0 or k.sum() == n.sum():
+        return 1.0
+    return float(chi2_contingency(np.stack([k, n - k], axis=1)).pvalue)
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value from the discordant counts ``b`` (yes->no) and ``c`` (no->yes)."""
+    from scipy.stats import binomtest
+    if b + c == 0:
+        return 1.0
+    return float(binomtest(int(b), int(b + c), 0.5).pvalue)
+
+
+def holm(pvalues: Sequence[float]) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (NaNs stay NaN and do not count as tests)."""
+    p = np.asarray(pvalues, float)
+    out = np.full_like(p, np.nan)
+    ok = ~np.isnan(p)
+    m = int(ok.sum())
+    if m == 0:
+        return out
+    idx = np.where(ok)[0][np.argsort(p[ok], kind="stable")]
+    running = 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# disaggregation with bootstrap
+
+
+def _draw_seed(seed: int, grouping: str, group: str) -> list[int]:
+    return [int(seed), zlib.crc32(grouping.encode()), zlib.crc32(str(group).encode())]
+
+
+def bootstrap_group_sums(y: np.ndarray, valid: np.ndarray, members: np.ndarray, n_boot: int,
+                         rng_seed: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrap sums over one group's rows: ``(k*, n*)`` arrays of shape ``(n_outcomes, n_boot)``.
+
+    ``y`` and ``valid`` are ``(n_outcomes, n_rows)``; ``members`` the group's row indices. Rows are
+    drawn with replacement from the group (deterministic given ``rng_seed``).
+    """
+    rng = np.random.default_rng(rng_seed)
+    m = len(members)
+    ks = np.zeros((y.shape[0], n_boot))
+    ns = np.zeros((y.shape[0], n_boot))
+    if m == 0 or n_boot == 0:
+        return ks, ns
+    yv = (y[:, members] * valid[:, members]).astype(np.float64)
+    vv = valid[:, members].astype(np.float64)
+    block = max(1, _MAX_DRAW_CELLS // m)
+    for b0 in range(0, n_boot, block):
+        b1 = min(n_boot, b0 + block)
+        draws = rng.integers(0, m, size=(b1 - b0, m), dtype=np.int64)
+        # counts of each member per resample, then one matrix product for every outcome
+        flat = (draws + (np.arange(b1 - b0) * m)[:, None]).ravel()
+        counts = np.bincount(flat, minlength=(b1 - b0) * m).reshape(b1 - b0, m).astype(np.float64)
+        ks[:, b0:b1] = yv @ counts.T
+        ns[:, b0:b1] = vv @ counts.T
+    return ks, ns
+
+
+def _ci(samples: np.ndarray, confidence: float) -> tuple[float, float]:
+    s = np.asarray(samples, float)
+    s = s[np.isfinite(s)]
+    if len(s) == 0:
+        return float("nan"), float("nan")
+    a = (1 - confidence) / 2
+    lo, hi = np.quantile(s, [a, 1 - a])
+    return float(lo), float(hi)
+
+
+def group_labels(frame: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
+    """One label per row for a grouping: the column's value, or the values joined by ' × '."""
+    if len(columns) == 1:
+        return frame[columns[0]].astype(str).to_numpy()
+    return frame[list(columns)].astype(str).agg(" × ".join, axis=1).to_numpy()
+
+
+def disaggregate(outcomes: Mapping[str, tuple[np.ndarray, np.ndarray]], labels: np.ndarray, *,
+                 grouping: str, n_boot: int = 1000, seed: int = 0, confidence: float = 0.95):
+    """Per-group rates of binary outcomes with bootstrap intervals and significance tests.
+
+    ``outcomes`` maps a name to ``(y, valid)`` boolean arrays over the same rows (``valid`` False
+    removes a row from that outcome, e.g. a missing label). ``labels`` is the group of each row.
+    Returns ``(groups, summary, samples)``: a per-group DataFrame, a per-outcome summary DataFrame,
+    and ``samples[(name, group)] = p*`` (the bootstrap rates, for paired comparisons).
+    """
+    from fairlearn.metrics import MetricFrame
+
+    names = list(outcomes)
+    labels = np.asarray(labels).astype(str)
+    Y = np.stack([np.asarray(outcomes[k][0], bool) for k in names]) if names else np.zeros((0, len(labels)), bool)
+    V = np.stack([np.asarray(outcomes[k][1], bool) for k in names]) if names else np.zeros((0, len(labels)), bool)
+    groups = sorted(set(labels.tolist()))
+    members = {g: np.where(labels == g)[0] for g in groups}
+
+    boot_k, boot_n = {}, {}
+    for g in groups:
+        boot_k[g], boot_n[g] = bootstrap_group_sums(Y, V, members[g], n_boot, _draw_seed(seed, grouping, g))
+    tot_k = sum(boot_k.values()) if groups else None
+    tot_n = sum(boot_n.values()) if groups else None
+
+    # point estimates from fairlearn's MetricFrame: one frame for every outcome; y_true carries row
+    # indices so each outcome's metric can apply its own validity mask within a group
+    point_by_group, point_overall, point_gap, point_ratio = {}, {}, {}, {}
+    if names and len(labels):
+        def make_metric(j):
+            def rate(rows, _pred):
+                rows = np.asarray(rows)
+                v = V[j, rows]
+                return float(Y[j, rows][v].mean()) if v.any() else float("nan")
+            return rate
+        mf = MetricFrame(metrics={name: make_metric(j) for j, name in enumerate(names)},
+                         y_true=np.arange(len(labels)), y_pred=np.zeros(len(labels)),
+                         sensitive_features=pd.Series(labels, name=grouping))
+        diff, ratio = mf.difference(), mf.ratio()
+        for name in names:
+            point_by_group[name] = mf.by_group[name].astype(float)
+            point_overall[name] = float(mf.overall[name])
+            point_gap[name], point_ratio[name] = float(diff[name]), float(ratio[name])
+    else:
+        for name in names:
+            point_by_group[name] = pd.Series(dtype=float)
+            point_overall[name] = point_gap[name] = point_ratio[name] = float("nan")
+
+    rows, summary, samples = [], [], {}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for j, name in enumerate(names):
+            valid = V[j]
+            y = Y[j]
+            by_group = point_by_group[name]
+            overall, gap, ratio_min_max = point_overall[name], point_gap[name], point_ratio[name]
+            ks = {g: int((y & valid)[members[g]].sum()) for g in groups}
+            ns = {g: int(valid[members[g]].sum()) for g in groups}
+            K, N = sum(ks.values()), sum(ns.values())
+            p_star = {g: boot_k[g][j] / boot_n[g][j] for g in groups}
+            group_rows = []
+            for g in groups:
+                k, n = ks[g], ns[g]
+                rate = float(by_group[g]) if g in by_group.index else float("nan")
+                kr, nr = K - k, N - n
+                rest = kr / nr if nr else float("nan")
+                rest_star = (tot_k[j] - boot_k[g][j]) / (tot_n[j] - boot_n[g][j])
+                d_star = p_star[g] - rest_star
+                r_star = p_star[g] / rest_star
+                samples[(name, g)] = p_star[g]
+                z, pz = two_proportion_z(k, n, kr, nr)
+                lo, hi = _ci(p_star[g], confidence)
+                dlo, dhi = _ci(d_star, confidence)
+                rlo, rhi = _ci(r_star, confidence)
+                group_rows.append({
+                    "outcome": name, "grouping": grouping, "group": g, "n": n, "count": k, "rate": rate,
+                    "ci_low": lo, "ci_high": hi, "rest_rate": rest,
+                    "diff_vs_rest": rate - rest if n and nr else float("nan"), "diff_ci_low": dlo, "diff_ci_high": dhi,
+                    "ratio_vs_rest": (rate / rest if rest else (float("inf") if rate else float("nan"))) if n and nr else float("nan"),
+                    "ratio_ci_low": rlo, "ratio_ci_high": rhi,
+                    "z": z, "p_z": pz, "p_fisher": fisher_p(k, n, kr, nr),
+                })
+            adj = holm([r["p_fisher"] for r in group_rows])
+            for r, p in zip(group_rows, adj):
+                r["p_fisher_holm"] = float(p)
+            rows += group_rows
+            if groups and n_boot:
+                P = np.stack([p_star[g] for g in groups if ns[g] > 0]) if any(ns.values()) else np.zeros((1, n_boot))
+                gap_lo, gap_hi = _ci(np.nanmax(P, 0) - np.nanmin(P, 0), confidence)
+                ratio_lo, ratio_hi = _ci(np.nanmin(P, 0) / np.nanmax(P, 0), confidence)
+            else:
+                gap_lo = gap_hi = ratio_lo = ratio_hi = float("nan")
+            summary.append({"outcome": name, "grouping": grouping, "n": N, "count": K, "overall": overall,
+                            "max_gap": gap, "max_gap_ci_low": gap_lo, "max_gap_ci_high": gap_hi,
+                            "min_ratio": ratio_min_max, "min_ratio_ci_low": ratio_lo, "min_ratio_ci_high": ratio_hi,
+                            "p_chi2": chi2_homogeneity_p([ks[g] for g in groups], [ns[g] for g in groups]),
+                            "n_groups": sum(1 for g in groups if ns[g] > 0)})
+    return pd.DataFrame(rows), pd.DataFrame(summary), samples
+
+
+# ---------------------------------------------------------------------------------------
+# retrieval
+
+
+def _desired_vector(groups: Sequence[str], desired: str | Mapping[str, float], labels: np.ndarray) -> np.ndarray:
+    if isinstance(desired, Mapping):
+        d = np.array([float(desired.get(g, 0.0)) for g in groups])
+    elif desired == "uniform":
+        d = np.full(len(groups), 1.0 / len(groups))
+    elif desired == "data":
+        d = np.array([(labels == g).mean() for g in groups])
+    else:
+        raise ValueError(f"unknown desired distribution {desired!r}; valid: 'uniform', 'data', or a mapping")
+    return d / d.sum()
+
+
+def skew_at_k(ranked_labels: Sequence[str], k: int, desired: str | Mapping[str, float] = "uniform",
+              groups: Sequence[str] | None = None, all_labels: Sequence[str] | None = None) -> dict[str, float]:
+    """``Skew@k(a) = ln(p_topk(a) / p_desired(a))`` per group (``-inf`` for a group absent from the top k).
+
+    ``ranked_labels`` is the group of each image in rank order; ``desired`` is ``"uniform"``, ``"data"``
+    (group shares in ``all_labels``, default the ranking itself) or a mapping group -> share.
+    """
+    ranked = np.asarray(ranked_labels).astype(str)
+    base = ranked if all_labels is None else np.asarray(all_labels).astype(str)
+    groups = sorted(set(base.tolist())) if groups is None else list(groups)
+    d = _desired_vector(groups, desired, base)
+    k = min(int(k), len(ranked))
+    if k < 1:
+        raise ValueError(f"k must be >= 1; got {k}")
+    top = ranked[:k]
+    out = {}
+    with np.errstate(divide="ignore"):
+        for g, dg in zip(groups, d):
+            out[g] = float(np.log((top == g).mean() / dg))
+    return out
+
+
+def max_skew_at_k(ranked_labels: Sequence[str], k: int, desired: str | Mapping[str, float] = "uniform",
+                  groups: Sequence[str] | None = None, all_labels: Sequence[str] | None = None) -> float:
+    """MaxSkew@k: the largest Skew@k over groups (0 means the top k matches the desired distribution)."""
+    return max(skew_at_k(ranked_labels, k, desired, groups, all_labels).values())
+
+
+def ndkl(ranked_labels: Sequence[str], desired: str | Mapping[str, float] = "uniform", k: int | None = None,
+         groups: Sequence[str] | None = None, all_labels: Sequence[str] | None = None) -> float:
+    """Normalized discounted KL divergence of the top-``i`` group distributions (``i = 1..k``) from ``desired``."""
+    ranked = np.asarray(ranked_labels).astype(str)
+    base = ranked if all_labels is None else np.asarray(all_labels).astype(str)
+    groups = sorted(set(base.tolist())) if groups is None else list(groups)
+    d = _desired_vector(groups, desired, base)
+    k = len(ranked) if k is None else min(int(k), len(ranked))
+    onehot = (ranked[:k, None] == np.asarray(groups)[None, :]).astype(float)
+    return float(_ndkl_from_onehot(onehot, d))
+
+
+def _ndkl_from_onehot(onehot: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """NDKL for one ``(k, G)`` or many ``(R, k, G)`` rankings given as one-hot group rows."""
+    k = onehot.shape[-2]
+    props = np.cumsum(onehot, axis=-2) / np.arange(1, k + 1)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(props > 0, props * np.log(props / d), 0.0)
+    kl = terms.sum(-1)
+    w = 1.0 / np.log2(np.arange(2, k + 2))
+    return (kl * w).sum(-1) / w.sum()
+
+
+def retrieval_metrics(similarity: np.ndarray, labels: np.ndarray, queries: Sequence[str], ks: Sequence[int], *,
+                      grouping: str, desired: str = "uniform", n_random: int = 200, seed: int = 0) -> pd.DataFrame:
+    """MaxSkew@k and NDKL@k per query and k, with the same figures for random rankings as a baseline.
+
+    ``similarity`` is ``(n_queries, n_images)``. Ties are broken by image order (stable sort).
+    ``p_random`` is the share of ``n_random`` random rankings (seeded) whose MaxSkew@k is at least the
+    observed one (with the usual +1 correction): a permutation test of "the ranking ignores groups".
+    """
+    labels = np.asarray(labels).astype(str)
+    groups = sorted(set(labels.tolist()))
+    d = _desired_vector(groups, desired, labels)
+    garr = np.asarray(groups)
+    rng = np.random.default_rng([int(seed), zlib.crc32(grouping.encode())])
+    perms = np.stack([rng.permutation(len(labels)) for _ in range(n_random)]) if n_random else None
+    rows = []
+    for qi, q in enumerate(queries):
+        order = np.argsort(-similarity[qi], kind="stable")
+        ranked = labels[order]
+        for k in ks:
+            kk = min(int(k), len(labels))
+            skews = skew_at_k(ranked, kk, d_map := dict(zip(groups, d)), groups)
+            ms = max(skews.values())
+            nd = ndkl(ranked, d_map, kk, groups)
+            row = {"query": q, "grouping": grouping, "k": kk, "desired": desired, "max_skew": ms,
+                   "most_over": max(skews, key=skews.get), "most_under": min(skews, key=skews.get),
+                   "ndkl": nd}
+            if perms is not None:
+                oh = (labels[perms[:, :kk]][..., None] == garr).astype(float)      # (R, k, G)
+                shares = oh.mean(1)
+                with np.errstate(divide="ignore"):
+                    rms = np.log(shares / d).max(1)
+                rnd = _ndkl_from_onehot(oh, d)
+                row.update({"max_skew_random": float(rms.mean()), "ndkl_random": float(rnd.mean()),
+                            "p_random": float((1 + (rms >= ms - 1e-12).sum()) / (n_random + 1))})
+            for g in groups:
+                row[f"share[{g}]"] = float((ranked[:kk] == g).mean())
+            rows.append(row)
+    return pd.DataFrame(rows)
