@@ -44,6 +44,13 @@ class TestRenderer:
         left, top, right, bottom = r.boxes[0]
         assert left == 0 and top == 0 and right <= 120 and bottom <= 90
 
+    def test_long_words_shrink_to_fit_unless_told_not_to(self):
+        fitted = render_text(white(64, 64), "hexagonal", TextStyle(size=0.3))
+        left, _, right, _ = fitted.boxes[0]
+        assert right - left <= 0.95 * 64
+        clipped = render_text(white(64, 64), "hexagonal", TextStyle(size=0.3, fit=False))
+        assert clipped.boxes[0][2] - clipped.boxes[0][0] == 64  # overflowing text is cut at the edge
+
     def test_size_is_a_fraction_of_the_shorter_side_or_pixels(self):
         assert TextStyle(size=0.25).font_px((400, 200)) == 50
         assert TextStyle(size=30).font_px((400, 200)) == 30

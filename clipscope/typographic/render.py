@@ -64,6 +64,8 @@ class TextStyle:
     and ``padding`` (a fraction of the font size). ``opacity`` scales text and box.
     ``rotation`` is in degrees, counter-clockwise. ``repeat`` draws that many
     copies: the first at the requested position, the others at seeded random places.
+    With ``fit`` (the default) the font shrinks until the text is at most 95% of the
+    image width, so long words are not cut off at the edge.
     """
 
     font: str = field(default_factory=default_font)
@@ -75,6 +77,7 @@ class TextStyle:
     opacity: float = 1.0
     rotation: float = 0.0
     repeat: int = 1
+    fit: bool = True
 
     def __post_init__(self):
         if self.size <= 0:
@@ -171,7 +174,11 @@ def render_text(image: Image.Image, text: str, style: TextStyle | None = None, p
     base = image.convert("RGB") if mode not in ("RGB", "RGBA") else image
     canvas = base.convert("RGBA")
     rng = random.Random(seed)
-    layer = _text_layer(text, style, style.font_px(canvas.size))
+    font_px = style.font_px(canvas.size)
+    layer = _text_layer(text, style, font_px)
+    while style.fit and font_px > 1 and layer.width > 0.95 * canvas.width:
+        font_px = max(1, int(font_px * min(0.95 * canvas.width / layer.width, 0.95)))
+        layer = _text_layer(text, style, font_px)
     boxes = []
     for i in range(style.repeat):
         cx, cy = resolve_position(position if i == 0 else "random", canvas.size, rng)
