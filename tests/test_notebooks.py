@@ -21,7 +21,6 @@ def test_notebook_runs_on_the_organism(path, tmp_path, monkeypatch):
                for c in nb.cells if c.cell_type == "code"), "commit notebooks with outputs stripped"
     monkeypatch.setenv("CLIPSCOPE_MODEL", "organism")
     monkeypatch.setenv("CLIPSCOPE_OUT", str(tmp_path))  # notebooks write their files here
-    monkeypatch.setenv("MPLBACKEND", "Agg")
     start = time.perf_counter()
     NotebookClient(nb, timeout=BUDGET_S, kernel_name="python3",
                    resources={"metadata": {"path": str(path.parent)}}).execute()
