@@ -170,3 +170,24 @@ def test_rendered_units_fire_far_above_generated_scenes(organism, rendered):
     assert bool((ratio > 1.2).all()), detail
     assert float(ratio.median()) >= 4.0, detail
     assert int(above_max.sum()) >= int(0.75 * len(keys)), detail
+
+
+def test_redirected_relus_revive_units_that_start_dead(organism):
+    """Units read after a ReLU that are zero on the starting image get no gradient; redirecting
+    the ReLU gradient for the first steps makes them move, without changing forward values."""
+    import torch
+
+    from clipscope import Unit, optvis
+    from clipscope.optvis.render import redirected_relus
+    layer4 = [Unit.channel("visual.layer4", c) for c in range(0, 512, 8)]
+    plain = optvis.render(organism, layer4, steps=24, redirect_steps=0, seed=0, progress=False)
+    dead = [u for u, v in zip(layer4, plain.trace[-1]) if abs(float(v)) < 1e-6]
+    assert len(dead) >= 4, "expected some channels to start (and stay) at zero without redirection"
+    revived = optvis.render(organism, dead, steps=24, seed=0, progress=False)
+    assert int((revived.trace[-1] > 1e-3).sum()) >= len(dead) * 3 // 4
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        before = organism.encode_image(x)
+        with redirected_relus(organism.model):
+            during = organism.encode_image(x)
+    assert torch.equal(before, during)

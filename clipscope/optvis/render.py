@@ -95,10 +95,48 @@ class RenderResult:
         return paths
 
 
+class _RedirectedReLU(torch.autograd.Function):
+    """ReLU whose backward also lets through gradient that would raise a negative input,
+    for the batch elements where the ordinary ReLU gradient is zero everywhere."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        relu_grad = grad * (x > 0)
+        # descent moves x by -grad: keep only components that would not push a negative x lower
+        redirected = grad * ~((x < 0) & (grad > 0))
+        dead = relu_grad.flatten(1).abs().sum(dim=1) == 0
+        return torch.where(dead.view(-1, *[1] * (x.ndim - 1)), redirected, relu_grad)
+
+
+@contextlib.contextmanager
+def redirected_relus(module: torch.nn.Module):
+    """Inside the block, every ``nn.ReLU`` of ``module`` uses :class:`_RedirectedReLU`'s gradient.
+
+    A unit read after a ReLU that is zero on the starting image gets no gradient at all and
+    its image never changes; redirecting the gradient for the first steps of an optimization
+    (as Lucid did for CLIP's feature visualizations) gets it moving. Forward values are unchanged.
+    """
+    relus = [m for m in module.modules() if isinstance(m, torch.nn.ReLU)]
+    for m in relus:
+        m.forward = _RedirectedReLU.apply
+    try:
+        yield
+    finally:
+        for m in relus:
+            del m.forward
+
+
 def render(model, objective_or_units: Objective | Unit | Sequence[Objective | Unit], *,
            param: str | ImageParam = "fourier", transforms: Callable | Sequence[Callable] | None = None,
            size: int | tuple[int, int] | None = None, steps: int = 256, lr: float | None = None,
-           batch: int | None = None, seed: int = 0, progress: bool = True) -> RenderResult:
+           batch: int | None = None, seed: int = 0, redirect_steps: int = 16,
+           progress: bool = True) -> RenderResult:
     """Optimize a batch of images to maximize an objective; returns a :class:`RenderResult`.
 
     - ``objective_or_units``: one :class:`Objective` or :class:`~clipscope.hooks.Unit`,
@@ -116,6 +154,9 @@ def render(model, objective_or_units: Objective | Unit | Sequence[Objective | Un
     - ``lr``: Adam's learning rate, default the parameterization's ``lr``.
     - ``seed``: seeds the initial images and the random transforms; the same seed
       gives the same images (bit for bit on the CPU).
+    - ``redirect_steps``: for this many first steps, ReLUs pass gradient that would raise a
+      dead unit (:func:`redirected_relus`), so units read after a ReLU that start at zero
+      still move; 0 turns it off.
 
     Each step is one forward and one backward pass of the image tower on the whole
     batch, capturing only the sites the objective reads.
@@ -158,7 +199,8 @@ def render(model, objective_or_units: Objective | Unit | Sequence[Objective | Un
         for step in bar:
             optimizer.zero_grad(set_to_none=True)
             image = image_param()
-            with forward_context(), model.capture(objective.sites, grad=True) as acts:
+            redirect = redirected_relus(model.model) if step < redirect_steps else contextlib.nullcontext()
+            with forward_context(), redirect, model.capture(objective.sites, grad=True) as acts:
                 embedding = model.encode_image(pipeline(image, generator=generator), normalize=False)
             values = objective(Context(model, acts, embedding, image))
             if values.shape != (n,):
