@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .io import write_bytes_atomic, write_text_atomic
+from .io import figure_png, write_bytes_atomic, write_text_atomic
 
 
 def _timed(parts: list[tuple[str, float, str]], title: str, fn: Callable[[], str]) -> None:
@@ -21,16 +21,6 @@ def _timed(parts: list[tuple[str, float, str]], title: str, fn: Callable[[], str
     seconds = time.perf_counter() - start
     parts.append((title, seconds, summary))
     print(f"  {title}: {seconds:.1f} s  {summary}")
-
-
-def _save_figure(fig, path: Path) -> None:
-    import io
-
-    import matplotlib.pyplot as plt
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
 
 
 def zero_shot_section(model, out: Path, n: int = 64, seed: int = 12345) -> dict[str, Any]:
@@ -65,7 +55,7 @@ def zero_shot_section(model, out: Path, n: int = 64, seed: int = 12345) -> dict[
         ax.axis("off")
     fig.suptitle(f"{model.name}: zero-shot shape, accuracy {shape_acc:.0%} on {n} new scenes "
                  f"(colour: {colour_acc:.0%})")
-    _save_figure(fig, out / "zero_shot.png")
+    write_bytes_atomic(out / "zero_shot.png", figure_png(fig))
     return {"shape_accuracy": shape_acc, "colour_accuracy": colour_acc, "n": n}
 
 

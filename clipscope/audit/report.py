@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..io import write_bytes_atomic, write_text_atomic
+from ..io import figure_png, write_bytes_atomic, write_text_atomic
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
@@ -90,11 +89,7 @@ def html_table(df: pd.DataFrame, max_rows: int = 200) -> str:
 
 
 def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return base64.b64encode(figure_png(fig)).decode("ascii")
 
 
 def _rate_table(groups: pd.DataFrame) -> pd.DataFrame:

@@ -12,7 +12,6 @@ Metrics (all fractions in [0, 1]):
 """
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -286,11 +285,3 @@ def sweep(model, images: Any, labels: Sequence[str | None], classes: Sequence[st
         rows.append({**values, **{k: result.metrics[k] for k in ("n", *METRICS)}})
     return SweepResult(pd.DataFrame(rows), params, results)
 
-
-def figure_png(fig) -> bytes:
-    """PNG bytes of a matplotlib figure (closes it)."""
-    import matplotlib.pyplot as plt
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()

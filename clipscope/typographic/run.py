@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from ..data import list_image_files
-from ..io import write_text_atomic
+from ..io import figure_png, write_text_atomic
 from .attack import Attack
 from .defences import AblationDefence, Defence, PromptDefence, find_text_units
-from .evaluate import SweepResult, evaluate, figure_png, sweep
+from .evaluate import SweepResult, evaluate, sweep
 from .render import TextStyle
 from .sets import load_materzynska, load_paint, load_rta100, load_scam
 
