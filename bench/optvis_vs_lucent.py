@@ -15,6 +15,7 @@ Both libraries get their standard robustness transforms and CLIP normalization
 (lucent with ``preprocess=False`` and a CLIP-normalize transform appended, since its
 built-in preprocessing is ImageNet's; ``fixed_image_size`` set to the model's input
 size so it does not upsample to 224). Both run in fp32 (lucent's images are fp32).
+clipscope runs with ``redirect_steps=0`` (no ReLU gradient redirection), as lucent has none.
 Reported: steps/s of each call and unit-steps/s (units x steps / s), the median of
 ``--repeats`` interleaved repeats after a warm-up; ratios are clipscope / lucent.
 Models: the tiny ResNet config, a random-init RN50, and the organism when its
@@ -42,7 +43,8 @@ def _sync(device: torch.device) -> None:
 
 def clipscope_arm(model, channels: list[int], size: int, steps: int):
     units = [Unit.channel("visual.layer4.0", c) for c in channels]
-    return lambda: optvis.render(model, units, param="fourier", size=size, steps=steps, lr=0.05, progress=False)
+    return lambda: optvis.render(model, units, param="fourier", size=size, steps=steps, lr=0.05,
+                                 redirect_steps=0, progress=False)  # lucent does no ReLU redirection: same work
 
 
 def lucent_arms(model, channels: list[int], size: int, steps: int):
