@@ -1,0 +1,10 @@
+"""Neuron-level views of the image tower: which images drive a unit (dataset examples), which
+rendered words drive it, what concept labels fit it, and what ablating it changes."""
+from .ablation import AblationEffect, ablation_effect
+from .examples import DatasetExamples, Example, SiteExamples, dataset_examples, source_fingerprint
+from .labels import UnitLabels, label_units
+from .words import WordResponses, default_words, word_responses
+
+__all__ = ["AblationEffect", "DatasetExamples", "Example", "SiteExamples", "UnitLabels", "WordResponses",
+           "ablation_effect", "dataset_examples", "default_words", "label_units", "source_fingerprint",
+           "word_responses"]

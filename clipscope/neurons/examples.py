@@ -1,0 +1,614 @@
+"""Dataset examples: the images of a data set that drive each unit most (and least).
+
+:func:`dataset_examples` makes ONE streaming pass over an image source and keeps, for every
+requested unit of every requested site at once, the ``k`` images with the highest and the ``k``
+with the lowest per-unit value (the mean over positions, as :func:`~clipscope.hooks.unit_means`
+reads it), plus where in the image the unit fired: the spatial ``(y, x)`` cell (``conv``) or the
+token index (``tokens``) of the maximum of the unit's activation map for top examples, of the
+minimum for bottom examples. Nothing but the running top/bottom ``k`` is kept: each batch's
+values are merged into the running lists with one sort per batch.
+
+Ties are broken by order in the source (earlier images first), so results do not depend on the
+batch size or on interruptions. With ``cache_dir`` the running state of each site is written
+atomically every ``checkpoint_every`` batches (and when the run is interrupted); a later call with
+the same model, data set, site, ``k`` and units resumes where it stopped and returns the same
+result. Layouts are handled by the hooks layer (:func:`~clipscope.hooks.feature_last`), so this
+module has no per-architecture code.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data import (
+    ImageLoadError,
+    iter_images,
+    list_image_files,
+    load_image,
+    prefetch,
+    source_length,
+)
+from ..hooks import feature_last
+from ..io import write_bytes_atomic
+
+CACHE_VERSION = 1
+
+__all__ = ["DatasetExamples", "Example", "SiteExamples", "dataset_examples", "source_fingerprint"]
+
+
+class Example(NamedTuple):
+    """One dataset example: the image's key in the source, the unit's value, and where it peaked.
+
+    ``position`` is ``(y, x)`` for conv sites, a token index for token sites, ``None`` for vectors.
+    """
+
+    key: Any
+    value: float
+    position: Any
+
+
+@dataclass
+class SiteExamples:
+    """Top and bottom examples of the mined units of one site.
+
+    Arrays are indexed ``[row, rank]`` where ``row`` follows ``units``; rank 0 is the highest
+    (top) or lowest (bottom) value. Rows hold fewer than ``k`` valid entries only when the data
+    set had fewer than ``k`` readable images (``positions == -1`` and ``keys`` shorter).
+    Positions are flat indices into ``grid`` (``(H, W)`` for conv, ``(L,)`` for tokens).
+    """
+
+    site: str
+    layout: str
+    grid: tuple[int, ...]
+    units: list[int]
+    top_values: torch.Tensor
+    top_keys: list[list[Any]]
+    top_positions: torch.Tensor
+    bottom_values: torch.Tensor
+    bottom_keys: list[list[Any]]
+    bottom_positions: torch.Tensor
+
+    def row(self, unit: int) -> int:
+        try:
+            return self._rows[unit]
+        except AttributeError:
+            self._rows = {u: i for i, u in enumerate(self.units)}
+            return self.row(unit)
+        except KeyError:
+            raise ValueError(f"unit {unit} of {self.site!r} was not mined; mined units: "
+                             f"{_short(self.units)}") from None
+
+    def position(self, flat: int) -> Any:
+        """Turn a flat position index into ``(y, x)`` (conv), a token index (tokens) or ``None``."""
+        if flat < 0 or self.layout == "vector":
+            return None
+        if self.layout == "conv":
+            return tuple(int(v) for v in divmod(int(flat), self.grid[1]))
+        return int(flat)
+
+    def examples(self, unit: int, which: str = "top") -> list[Example]:
+        r = self.row(unit)
+        values, keys, positions = ((self.top_values, self.top_keys, self.top_positions) if which == "top"
+                                   else (self.bottom_values, self.bottom_keys, self.bottom_positions))
+        return [Example(key, float(values[r, j]), self.position(int(positions[r, j])))
+                for j, key in enumerate(keys[r])]
+
+
+@dataclass
+class DatasetExamples:
+    """Result of :func:`dataset_examples`: per site and unit the top/bottom ``k`` examples.
+
+    ``n_seen`` counts the images that were read and ranked; ``skipped`` lists ``(key, reason)``
+    for unreadable ones. ``source`` is kept (by reference) so that :meth:`plot` can load the
+    images again from their keys.
+    """
+
+    model_id: str
+    k: int
+    sites: dict[str, SiteExamples]
+    n_seen: int
+    skipped: list[tuple[Any, str]] = field(default_factory=list)
+    image_size: tuple[int, int] = (224, 224)
+    image_mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    image_std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    source: Any = field(default=None, repr=False)
+    cache_files: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.skipped)
+
+    def _site(self, site: str) -> SiteExamples:
+        try:
+            return self.sites[site]
+        except KeyError:
+            raise ValueError(f"site {site!r} was not mined; mined sites: {list(self.sites)}") from None
+
+    def top(self, site: str, unit: int) -> list[Example]:
+        """The top examples of ``unit`` (channel/feature index) at ``site``, highest first."""
+        return self._site(site).examples(unit, "top")
+
+    def bottom(self, site: str, unit: int) -> list[Example]:
+        """The bottom examples of ``unit`` at ``site``, lowest first."""
+        return self._site(site).examples(unit, "bottom")
+
+    def to_frame(self):
+        """One row per (site, unit, kind, rank): key, value, position."""
+        import pandas as pd
+        rows = []
+        for name, se in self.sites.items():
+            for unit in se.units:
+                for kind in ("top", "bottom"):
+                    for rank, ex in enumerate(se.examples(unit, kind)):
+                        rows.append({"site": name, "unit": unit, "kind": kind, "rank": rank,
+                                     "key": ex.key, "value": ex.value, "position": ex.position})
+        return pd.DataFrame(rows, columns=["site", "unit", "kind", "rank", "key", "value", "position"])
+
+    # -- images ----------------------------------------------------------------------------
+    def load(self, keys: Sequence[Any]) -> list[Image.Image]:
+        """Load the images with ``keys`` from the source again, as the model saw them (resized, centre-cropped)."""
+        found = _load_keys(self.source, list(keys), self.image_mean, self.image_std)
+        return [_model_view(found[key], self.image_size) for key in keys]
+
+    def plot(self, site: str, unit: int, n: int = 8, which: str = "top", cols: int | None = None):
+        """Grid of the ``n`` top (or bottom) images of ``unit``, with the peak position marked; returns the figure."""
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Rectangle
+        se = self._site(site)
+        examples = se.examples(unit, which)[:n]
+        images = self.load([ex.key for ex in examples])
+        cols = cols or min(max(len(examples), 1), 8)
+        rows = max(1, -(-len(examples) // cols))
+        fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.1 * rows), squeeze=False)
+        h_img, w_img = self.image_size
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, ex, im in zip(axes.flat, examples, images):
+            ax.imshow(im)
+            cell = _cell(se, ex.position)
+            if cell is not None:
+                (y, x), (gh, gw) = cell
+                ch, cw = h_img / gh, w_img / gw
+                ax.add_patch(Rectangle((x * cw - 0.5, y * ch - 0.5), cw, ch, fill=False, edgecolor="lime",
+                                       linewidth=2))
+            where = "" if ex.position is None else f" @{ex.position}"
+            ax.set_title(f"{ex.value:.3g}{where}", fontsize=8)
+        fig.suptitle(f"{site} unit {unit}: {which} {len(examples)} of {self.n_seen}", fontsize=10)
+        fig.tight_layout()
+        return fig
+
+    def _repr_html_(self) -> str:
+        units = ", ".join(f"{name} ({len(se.units)} units)" for name, se in self.sites.items())
+        note = (f"<p><b>Dataset examples</b> of {self.model_id}: top/bottom {self.k} of {self.n_seen} images "
+                f"for {units}")
+        if self.skipped:
+            note += f"; {len(self.skipped)} unreadable image(s) skipped"
+        frame = self.to_frame()
+        head = frame[(frame["kind"] == "top") & (frame["rank"] < 3)].head(24)
+        return note + "</p>" + head.to_html(index=False, float_format=lambda v: f"{v:.3f}")
+
+
+def _short(values: Sequence[int], n: int = 10) -> str:
+    values = list(values)
+    return ", ".join(map(str, values[:n])) + (", ..." if len(values) > n else "")
+
+
+def _cell(se: SiteExamples, position: Any) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """Where to mark a position on the image: ``((y, x), (grid_h, grid_w))``, or ``None``."""
+    if position is None:
+        return None
+    if se.layout == "conv":
+        return position, (se.grid[0], se.grid[1])
+    # tokens: a square patch grid, optionally after leading non-patch tokens (class token)
+    n = se.grid[0]
+    for extra in (1, 0):
+        g = int(round((n - extra) ** 0.5))
+        if g > 0 and g * g == n - extra:
+            t = position - extra
+            return (divmod(t, g), (g, g)) if 0 <= t < g * g else None
+    return None
+
+
+def _model_view(image: Image.Image | torch.Tensor, size: tuple[int, int]) -> Image.Image | np.ndarray:
+    """Resize the shorter side and centre-crop, as CLIP preprocessing does (tensors are shown as given)."""
+    if not isinstance(image, Image.Image):
+        return image
+    h, w = size
+    scale = max(h / image.height, w / image.width)
+    im = image.resize((max(w, round(image.width * scale)), max(h, round(image.height * scale))), Image.BICUBIC)
+    left, top = (im.width - w) // 2, (im.height - h) // 2
+    return im.crop((left, top, left + w, top + h))
+
+
+def _load_keys(source: Any, keys: list[Any], mean, std) -> dict[Any, Any]:
+    """Load the images named by ``keys`` (as :func:`~clipscope.data.iter_images` keyed them) from ``source``."""
+    def finish(item):
+        if isinstance(item, torch.Tensor):  # a preprocessed tensor: undo the normalization for display
+            m = torch.tensor(mean).view(3, 1, 1)
+            s = torch.tensor(std).view(3, 1, 1)
+            return (item.detach().float().cpu() * s + m).clamp(0, 1).permute(1, 2, 0).numpy()
+        return item
+
+    wanted = set(keys)
+    out: dict[Any, Any] = {}
+    if all(isinstance(k, str) for k in keys):  # folders: the key is the path
+        return {k: finish(load_image(k)) for k in keys}
+    if isinstance(source, torch.Tensor) and source.ndim == 4 or isinstance(source, (list, tuple)):
+        return {k: finish(load_image(source[k])) for k in keys}
+    for key, item in iter_images(source):  # streams and data sets: one more pass, stopping early
+        if key in wanted:
+            if isinstance(item, ImageLoadError):
+                raise item
+            out[key] = finish(item)
+            if len(out) == len(wanted):
+                break
+    missing = wanted - set(out)
+    if missing:
+        raise ValueError(f"{len(missing)} example image(s) are no longer in the source: {_short(sorted(missing, key=str))}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Fingerprints and the cache
+
+
+def source_fingerprint(source: Any) -> str | None:
+    """A hash identifying the images of ``source``, or ``None`` where it cannot be known without consuming it.
+
+    Folders and paths hash the paths with their sizes and modification times; in-memory images
+    (PIL, arrays, bytes, tensors) hash their pixels; ``datasets.Dataset`` tables use their own
+    fingerprint and length. Streams (generators, ``IterableDataset``) have none: pass
+    ``fingerprint=`` to :func:`dataset_examples` to cache them.
+    """
+    h = hashlib.sha256()
+
+    def add(*parts: Any) -> None:
+        for p in parts:
+            h.update(p if isinstance(p, bytes) else repr(p).encode())
+            h.update(b"\0")
+
+    def item_digest(item: Any) -> bool:
+        if isinstance(item, Image.Image):
+            add("pil", item.mode, item.size, hashlib.sha256(item.tobytes()).digest())
+        elif isinstance(item, (str, os.PathLike)):
+            p = Path(item)
+            st = p.stat() if p.is_file() else None
+            add("path", str(p.resolve()), st and (st.st_size, st.st_mtime_ns))
+        elif isinstance(item, (bytes, bytearray)):
+            add("bytes", hashlib.sha256(bytes(item)).digest())
+        elif isinstance(item, np.ndarray):
+            add("array", item.dtype.str, item.shape, hashlib.sha256(np.ascontiguousarray(item).tobytes()).digest())
+        elif isinstance(item, torch.Tensor):
+            t = item.detach().cpu().contiguous()
+            add("tensor", str(t.dtype), tuple(t.shape), hashlib.sha256(t.view(torch.uint8).numpy().tobytes()
+                                                                        if t.numel() else b"").digest())
+        elif isinstance(item, dict) and ("bytes" in item or "path" in item):
+            return item_digest(item.get("bytes") or item.get("path"))
+        else:
+            return False
+        return True
+
+    if isinstance(source, torch.Tensor):
+        item_digest(source)
+        return h.hexdigest()
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        files = list_image_files(source)
+        add("folder", str(Path(source).resolve()), len(files))
+        for f in files:
+            item_digest(f)
+        return h.hexdigest()
+    if hasattr(source, "features") and hasattr(source, "__iter__"):
+        fp = getattr(source, "_fingerprint", None)
+        if fp is None or not hasattr(source, "__len__"):
+            return None
+        add("datasets", fp, len(source))
+        return h.hexdigest()
+    if item_digest(source):
+        return h.hexdigest()
+    if isinstance(source, (list, tuple)):
+        add("sequence", len(source))
+        for i in range(len(source)):
+            if not item_digest(list.__getitem__(source, i) if isinstance(source, list) else source[i]):
+                return None
+        return h.hexdigest()
+    return None
+
+
+def cache_key(model_id: str, fingerprint: str, site: str, k: int, units: Sequence[int] | None) -> str:
+    raw = json.dumps([CACHE_VERSION, model_id, fingerprint, site, k, None if units is None else list(units)])
+    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+def _read_state(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a damaged cache file is recomputed, never trusted
+        return None
+
+
+def _write_state(path: Path, state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------------------
+# The running top/bottom k of one site
+
+
+class _Running:
+    """Top and bottom ``k`` of ``units`` at one site, merged batch by batch."""
+
+    def __init__(self, site, units: list[int] | None, k: int, device: torch.device):
+        self.site = site
+        self.units = units
+        self.k = k
+        n = len(units) if units is not None else site.n_units
+        self.index = None if units is None else torch.tensor(units, dtype=torch.long, device=device)
+        self.consumed = 0          # source items (readable or not) already accounted for
+        self.n_seen = 0
+        self.skipped: list[list[Any]] = []     # [position, key, reason]
+        self.done = False
+        self.keys: dict[int, Any] = {}          # source position -> key, for retained examples
+        self.top = (torch.full((k, n), -torch.inf, device=device), torch.full((k, n), -1, dtype=torch.long, device=device),
+                    torch.full((k, n), -1, dtype=torch.long, device=device))
+        self.bottom = (torch.full((k, n), torch.inf, device=device), torch.full((k, n), -1, dtype=torch.long, device=device),
+                       torch.full((k, n), -1, dtype=torch.long, device=device))
+
+    # state <-> dict (for the cache) ------------------------------------------------------
+    def state(self) -> dict:
+        return {"version": CACHE_VERSION, "consumed": self.consumed, "n_seen": self.n_seen, "done": self.done,
+                "skipped": [list(s) for s in self.skipped],
+                "keys": [[p, k] for p, k in self.keys.items()],
+                "top": [t.cpu() for t in self.top], "bottom": [t.cpu() for t in self.bottom]}
+
+    def restore(self, state: dict, device: torch.device) -> bool:
+        top = [t.to(device) for t in state["top"]]
+        if tuple(top[0].shape) != tuple(self.top[0].shape):
+            return False
+        self.consumed, self.n_seen, self.done = int(state["consumed"]), int(state["n_seen"]), bool(state["done"])
+        self.skipped = [list(s) for s in state["skipped"]]
+        self.keys = {int(p): k for p, k in state["keys"]}
+        self.top = tuple(top)
+        self.bottom = tuple(t.to(device) for t in state["bottom"])
+        return True
+
+    # merging -----------------------------------------------------------------------------
+    def update(self, acts: torch.Tensor, positions: torch.Tensor, keys: list[Any]) -> None:
+        """Merge a batch: ``acts`` in canonical layout, ``positions`` the source position of each row."""
+        view = feature_last(acts, self.site.layout)
+        if self.index is not None:
+            view = view.index_select(-1, self.index)
+        flat = view.reshape(view.shape[0], -1, view.shape[-1]).float()   # (B, P, U); P = 1 for vectors
+        keep = positions >= self.consumed
+        if not bool(keep.all()):           # rows this site already has (it was further along)
+            flat, positions = flat[keep], positions[keep]
+            keys = [k for k, ok in zip(keys, keep.tolist()) if ok]
+        if flat.shape[0] == 0:
+            return
+        means = flat.mean(dim=1)                                          # (B, U), as unit_means reads it
+        pos = positions.to(means.device).unsqueeze(1).expand_as(means)
+        self.top = self._merge(self.top, means, pos, flat.argmax(dim=1), descending=True)
+        self.bottom = self._merge(self.bottom, means, pos, flat.argmin(dim=1), descending=False)
+        self.n_seen += flat.shape[0]
+        for p, k in zip(positions.tolist(), keys):
+            self.keys[p] = k
+
+    def _merge(self, running, values, pos, where, descending: bool):
+        v = torch.cat([running[0], values])
+        p = torch.cat([running[1], pos])
+        w = torch.cat([running[2], where])
+        # stable: among equal values the running entries (earlier in the source) come first
+        order = torch.sort(v, dim=0, descending=descending, stable=True).indices[:self.k]
+        return v.gather(0, order), p.gather(0, order), w.gather(0, order)
+
+    def prune_keys(self) -> None:
+        live = set(self.top[1].flatten().tolist()) | set(self.bottom[1].flatten().tolist())
+        self.keys = {p: k for p, k in self.keys.items() if p in live}
+
+    def result(self) -> SiteExamples:
+        self.prune_keys()
+        layout = self.site.layout
+        grid = self.site.shape[1:] if layout == "conv" else self.site.shape[:1] if layout == "tokens" else ()
+
+        def side(running):
+            values, pos, where = (t.cpu() for t in running)
+            values, pos, where = values.T.contiguous(), pos.T.contiguous(), where.T.contiguous()
+            keys = [[self.keys[p] for p in row if p >= 0] for row in pos.tolist()]
+            where = torch.where(pos >= 0, where, torch.full_like(where, -1))
+            return values, keys, where
+
+        units = list(range(self.site.n_units)) if self.units is None else list(self.units)
+        tv, tk, tp = side(self.top)
+        bv, bk, bp = side(self.bottom)
+        return SiteExamples(self.site.name, layout, tuple(grid), units, tv, tk, tp, bv, bk, bp)
+
+
+# ----------------------------------------------------------------------------------------
+# The pass
+
+
+def _iter_from(source: Any, start: int):
+    """``(position, key, image_or_error)`` for the items of ``source`` from ``start`` on."""
+    if start == 0:
+        for pos, (key, item) in enumerate(iter_images(source)):
+            yield pos, key, item
+        return
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        from ..data import _load_or_error
+        for pos, path in enumerate(list_image_files(source)[start:], start):
+            yield pos, str(path), _load_or_error(path)
+        return
+    if isinstance(source, (list, tuple)) or (isinstance(source, torch.Tensor) and source.ndim == 4):
+        for pos, (key, item) in enumerate(iter_images(source[start:]), start):
+            yield pos, key + start, item
+        return
+    if hasattr(source, "features") and hasattr(source, "select") and hasattr(source, "__len__"):
+        for pos, (key, item) in enumerate(iter_images(source.select(range(start, len(source)))), start):
+            yield pos, key + start, item
+        return
+    for pos, (key, item) in enumerate(itertools.islice(iter_images(source), start, None), start):
+        yield pos, key, item
+
+
+def _batches(model, source: Any, start: int, batch_size: int):
+    """Background-loadable batches: ``(images (B,3,H,W) | None, positions, keys, skipped, consumed)``."""
+    size = tuple(model.image_size)
+    tensors, positions, keys, skipped = [], [], [], []
+    last = start - 1
+    for pos, key, item in _iter_from(source, start):
+        last = pos
+        if isinstance(item, ImageLoadError):
+            skipped.append([pos, key, str(item)])
+            continue
+        tensor = item if isinstance(item, torch.Tensor) else model.preprocess(item)
+        if tuple(tensor.shape[-2:]) != size:
+            skipped.append([pos, key, f"tensor image of size {tuple(tensor.shape[-2:])}; the model takes {size} "
+                                      f"(pass PIL images to have them resized)"])
+            continue
+        tensors.append(tensor)
+        positions.append(pos)
+        keys.append(key)
+        if len(tensors) == batch_size:
+            yield torch.stack(tensors), torch.tensor(positions), keys, skipped, last + 1
+            tensors, positions, keys, skipped = [], [], [], []
+    if tensors or skipped:
+        yield (torch.stack(tensors) if tensors else None, torch.tensor(positions, dtype=torch.long), keys, skipped,
+               last + 1)
+
+
+def _normalize_units(model, names: list[str], units) -> dict[str, list[int] | None]:
+    out: dict[str, list[int] | None] = {}
+    for name in names:
+        site = model.site(name)
+        chosen = units.get(name) if isinstance(units, Mapping) else units
+        if chosen is None:
+            out[name] = None
+            continue
+        chosen = [int(u) for u in (chosen.tolist() if isinstance(chosen, torch.Tensor) else chosen)]
+        if not chosen:
+            raise ValueError(f"units for {name!r} is empty")
+        bad = [u for u in chosen if not 0 <= u < site.n_units]
+        if bad:
+            raise ValueError(f"unit(s) {_short(bad)} out of range for {name!r} with {site.n_units} units "
+                             f"(valid: 0..{site.n_units - 1})")
+        if len(set(chosen)) != len(chosen):
+            raise ValueError(f"duplicate units for {name!r}")
+        out[name] = chosen
+    return out
+
+
+def dataset_examples(model, source: Any, sites: str | Iterable[str], *, k: int = 16,
+                     units: Sequence[int] | Mapping[str, Sequence[int]] | None = None, batch_size: int = 64,
+                     cache_dir: str | os.PathLike | None = None, progress: bool | None = None,
+                     checkpoint_every: int = 8, fingerprint: str | None = None) -> DatasetExamples:
+    """Find the top and bottom ``k`` images of ``source`` for many units at once, in one pass.
+
+    Parameters
+    ----------
+    model: a :class:`~clipscope.ClipModel`.
+    source: anything :func:`~clipscope.data.iter_images` reads (a folder, a list of paths or PIL
+        images, a ``(N, 3, H, W)`` preprocessed tensor, a ``datasets`` table, a stream).
+    sites: one site name or several (image tower).
+    k: examples kept per unit and side.
+    units: channel/feature indices mined at every site (or a ``{site: indices}`` mapping);
+        ``None`` mines every unit of each site.
+    cache_dir: where the running state is kept; a repeated or interrupted call resumes from it.
+        Keyed by (model id, data set fingerprint, site, ``k``, units).
+    checkpoint_every: batches between cache writes (the state is also written on interruption).
+    fingerprint: identifies the data set for the cache when it cannot be computed (streams).
+
+    Unreadable images are skipped and listed in ``skipped``. A unit's value for an image is the
+    mean of its activation over positions/tokens; ``position`` is where its activation map peaks
+    (top examples) or bottoms out (bottom examples). Ties go to the image earlier in the source.
+    """
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    names = [sites] if isinstance(sites, str) else list(dict.fromkeys(sites))
+    if not names:
+        raise ValueError("give at least one site")
+    for name in names:
+        if model.site(name).tower != "visual":
+            raise ValueError(f"{name!r} is a text-tower site; dataset examples rank images (use a visual.* site)")
+    chosen = _normalize_units(model, names, units)
+    device = torch.device(model.device)
+    running = {name: _Running(model.site(name), chosen[name], k, device) for name in names}
+
+    paths: dict[str, Path] = {}
+    if cache_dir is not None:
+        fp = fingerprint or source_fingerprint(source)
+        if fp is None:
+            warnings.warn("cannot fingerprint this data source without consuming it (a stream); "
+                          "pass fingerprint= to cache it. Running without the cache.", stacklevel=2)
+        else:
+            for name in names:
+                paths[name] = Path(cache_dir) / f"examples_{cache_key(model.id, fp, name, k, chosen[name])}.pt"
+                state = _read_state(paths[name])
+                if state is not None and state.get("version") == CACHE_VERSION:
+                    running[name].restore(state, device)
+
+    def checkpoint() -> None:
+        for name, path in paths.items():
+            running[name].prune_keys()
+            _write_state(path, running[name].state())
+
+    todo = [name for name in names if not running[name].done]
+    if todo:
+        start = min(running[n].consumed for n in todo)
+        total = source_length(source)
+        bar = None
+        show = (total is None or total - start > batch_size) if progress is None else progress
+        if show:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=None if total is None else total - start, desc="dataset examples", leave=False)
+        n_batches = 0
+        try:
+            with torch.no_grad():
+                for x, positions, keys, skipped, consumed in prefetch(_batches(model, source, start, batch_size)):
+                    if x is not None:
+                        with model.capture(todo) as acts:   # one batch at a time: nothing else is kept
+                            model.encode_image(x.to(model.device, model.dtype), normalize=False)
+                        for name in todo:
+                            running[name].update(acts[name], positions, keys)
+                        del acts
+                    for name in todo:
+                        run = running[name]
+                        run.skipped.extend(s for s in skipped if s[0] >= run.consumed)
+                        run.consumed = max(run.consumed, consumed)
+                    n_batches += 1
+                    if bar is not None:
+                        bar.update(len(keys) + len(skipped))
+                    if paths and n_batches % checkpoint_every == 0:
+                        checkpoint()
+        except BaseException:
+            if paths:
+                checkpoint()          # every state is at a batch boundary: safe to resume from
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        for name in todo:
+            running[name].done = True
+        if paths:
+            checkpoint()
+
+    first = running[names[0]]
+    skipped = [(key, reason) for _pos, key, reason in sorted(first.skipped, key=lambda s: s[0])]
+    return DatasetExamples(model_id=model.id, k=k, sites={name: running[name].result() for name in names},
+                           n_seen=first.n_seen, skipped=skipped, image_size=tuple(model.image_size),
+                           image_mean=tuple(model.image_mean), image_std=tuple(model.image_std),
+                           source=source, cache_files=[str(p) for p in paths.values()])

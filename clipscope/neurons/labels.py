@@ -1,0 +1,153 @@
+"""CLIP-Dissect concept labels for units (Oikarinen & Weng, ICLR 2023).
+
+Given a probe image set D and a concept list T, the activation matrix ``A`` (images x
+units, each unit's mean over positions via :func:`clipscope.hooks.unit_means`) is compared
+with the model's own image-text similarity ``P`` (images x concepts, dot products of
+unit-norm image and concept embeddings). Each (unit, concept) pair gets a score:
+
+- ``"soft_wpmi"`` (the paper's best): ``p(t|x) = softmax(a * P)`` over concepts; the unit's
+  ``top_k`` most activating images form a soft set B_k with membership falling linearly
+  from ``p_start`` to ``p_end`` by rank; ``log p(t|B_k) = sum_{x in B_k} log(1 - p(x in B_k) (1 - p(t|x)))``;
+  the score is ``log p(t|B_k) - lam * log p(t)`` with ``log p(t)`` the log-mean of
+  ``p(t|B_k)`` over all units of the site (as in the reference implementation).
+- ``"cos_cubed"``: cosine similarity between the centred, element-wise cubed columns of
+  ``A`` and ``P`` (the paper's simple baseline; cubing emphasizes the top images).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..hooks import unit_means
+
+METHODS = ("soft_wpmi", "cos_cubed")
+
+
+def soft_wpmi(P: torch.Tensor, A: torch.Tensor, *, top_k: int = 100, a: float = 10.0, lam: float = 1.0,
+              p_start: float = 0.998, p_end: float = 0.97, min_prob: float = 1e-7) -> torch.Tensor:
+    """SoftWPMI scores ``(n_units, n_concepts)`` from ``P`` (images x concepts) and ``A`` (images x units)."""
+    probs = torch.softmax(a * P.double(), dim=1)
+    k = min(top_k, A.shape[0])
+    top = torch.topk(A.double(), k=k, dim=0).indices              # (k, units)
+    member = (p_start - torch.arange(k, dtype=torch.float64) / k * (p_start - p_end)).unsqueeze(1)  # (k, 1)
+    log_given = torch.stack([torch.log(1 + member * (probs[top[:, u]] - 1) + min_prob).sum(dim=0)
+                             for u in range(A.shape[1])])          # (units, concepts)
+    log_prior = torch.logsumexp(log_given, dim=0, keepdim=True) - np.log(log_given.shape[0])
+    return (log_given - lam * log_prior).float()
+
+
+def cos_cubed(P: torch.Tensor, A: torch.Tensor, min_norm: float = 1e-3) -> torch.Tensor:
+    """Cosine similarity of centred, cubed columns, ``(n_units, n_concepts)``."""
+    p = (P.double() - P.double().mean(0, keepdim=True)) ** 3
+    x = (A.double() - A.double().mean(0, keepdim=True)) ** 3
+    p = p / p.norm(dim=0, keepdim=True).clamp_min(min_norm)
+    x = x / x.norm(dim=0, keepdim=True).clamp_min(min_norm)
+    return (x.T @ p).float()
+
+
+@dataclass
+class UnitLabels:
+    """Concept scores of units of one site.
+
+    ``scores`` is ``(n_units_labelled, n_concepts)``; ``labels[unit]`` lists the ``top``
+    best ``(concept, score)`` pairs, best first.
+    """
+
+    site: str
+    units: list[int]
+    concepts: list[str]
+    scores: np.ndarray
+    method: str
+    top_n: int
+    n_images: int
+
+    @property
+    def labels(self) -> dict[int, list[tuple[str, float]]]:
+        return {u: self.top(u) for u in self.units}
+
+    def top(self, unit: int, n: int | None = None, among: Sequence[str] | None = None) -> list[tuple[str, float]]:
+        """Best concepts of ``unit`` (optionally only those in ``among``), best first."""
+        if unit not in self.units:
+            raise ValueError(f"unit {unit} was not labelled; labelled units: {self.units[:20]}"
+                             f"{' ...' if len(self.units) > 20 else ''}")
+        row = self.scores[self.units.index(unit)]
+        keep = range(len(self.concepts))
+        if among is not None:
+            unknown = [c for c in among if c not in self.concepts]
+            if unknown:
+                raise ValueError(f"concepts {unknown} were not scored; scored concepts: {self.concepts}")
+            keep = [self.concepts.index(c) for c in among]
+        order = sorted(keep, key=lambda j: -row[j])[: (n or self.top_n)]
+        return [(self.concepts[j], float(row[j])) for j in order]
+
+    def to_frame(self):
+        """DataFrame, one row per unit: ``label`` (best concept), its ``score`` and the ``top`` list."""
+        import pandas as pd
+        rows = []
+        for u in self.units:
+            best = self.top(u)
+            rows.append({"site": self.site, "unit": u, "label": best[0][0], "score": best[0][1],
+                         "top": ", ".join(f"{c} ({s:.2f})" for c, s in best)})
+        return pd.DataFrame(rows).set_index(["site", "unit"])
+
+    def plot(self, unit: int, n: int = 10, ax=None):
+        """Bar chart of ``unit``'s ``n`` best concepts; returns the figure."""
+        import matplotlib.pyplot as plt
+        best = self.top(unit, n)
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(4, 0.25 * len(best) + 1))
+        else:
+            fig = ax.figure
+        ax.barh(range(len(best)), [s for _, s in best], color="tab:green")
+        ax.set_yticks(range(len(best)), [c for c, _ in best])
+        ax.invert_yaxis()
+        ax.set_xlabel(f"{self.method} score")
+        ax.set_title(f"{self.site} unit {unit}", fontsize=9)
+        fig.tight_layout()
+        return fig
+
+    def _repr_html_(self) -> str:
+        return (f"<p>UnitLabels ({self.method}): {len(self.units)} units of {self.site}, "
+                f"{len(self.concepts)} concepts, {self.n_images} probe images</p>"
+                + self.to_frame().head(30).to_html(float_format=lambda v: f"{v:.3f}"))
+
+
+def label_units(model, site: str, probe_images, concepts: Sequence[str], *, units: Sequence[int] | None = None,
+                top: int = 5, method: str = "soft_wpmi", templates: str | Sequence[str] | None = None,
+                top_k: int = 100, a: float = 10.0, lam: float = 1.0, batch_size: int = 64,
+                progress: bool | None = None) -> UnitLabels:
+    """Label units of ``site`` with ``concepts`` by CLIP-Dissect (see the module docstring).
+
+    ``probe_images``: anything ``model.encode_image`` takes (PIL images, paths, a folder).
+    ``units``: channel/feature indices to label (default all). ``templates`` embed the
+    concepts (``model.class_embeddings``; ``None`` for the model's default). ``top_k``,
+    ``a`` (softmax scale) and ``lam`` are SoftWPMI's parameters.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {list(METHODS)}")
+    s = model.site(site)
+    if s.tower != "visual":
+        raise ValueError(f"label_units labels image-tower units; {site!r} is in the {s.tower} tower")
+    concepts = list(concepts)
+    if len(concepts) < 2:
+        raise ValueError("concepts must list at least two concepts")
+    unit_list = list(range(s.n_units)) if units is None else [int(u) for u in units]
+    bad = [u for u in unit_list if not 0 <= u < s.n_units]
+    if bad:
+        raise ValueError(f"units {bad[:10]} are out of range for {site!r} with {s.n_units} units "
+                         f"(valid: 0..{s.n_units - 1})")
+    with torch.no_grad(), model.capture(site) as acts:
+        image_emb = model.encode_image(probe_images, batch_size=batch_size, progress=progress)
+    A = unit_means(acts[site], s.layout).float().cpu()
+    if A.shape[0] < 2:
+        raise ValueError("probe_images must hold at least two images")
+    P = image_emb.float().cpu() @ model.class_embeddings(concepts, templates).float().cpu().T
+    if method == "soft_wpmi":
+        scores = soft_wpmi(P, A, top_k=top_k, a=a, lam=lam)   # prior over all units of the site
+    else:
+        scores = cos_cubed(P, A)
+    scores = scores[unit_list].numpy()
+    return UnitLabels(site, unit_list, concepts, scores, method, top, A.shape[0])
