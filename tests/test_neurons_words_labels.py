@@ -50,9 +50,9 @@ def test_word_unit_ranks_its_word(organism, selectivity):
         wr.top("visual.layer4", 10_000)
     # mixed into 300 common words, "apple" still tops its unit (measured: rank 0)
     mix = list(dict.fromkeys(list(WORDS) + default_words(300)))
-    wr2 = word_responses(organism, "visual.layer4", mix, n_variants=4, progress=False)
-    if best.layer == "visual.layer4":
-        assert wr2.rank("visual.layer4", best.channel, "apple") <= 2
+    wr2 = word_responses(organism, best.layer, mix, n_variants=4, progress=False)
+    assert wr2.rank(best.layer, best.channel, "apple") <= 2
+    assert len(wr.plot(best.layer, best.channel, n=5).axes[0].patches) == 5
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,7 @@ def test_labels_find_planted_colour_units(organism, selectivity, probe):
     frame = labels["visual.layer4"].to_frame()
     assert len(frame) == organism.site("visual.layer4").n_units and "label" in frame
     assert "UnitLabels" in labels["visual.layer4"]._repr_html_()
+    assert len(labels["visual.layer4"].plot(0, n=4).axes[0].patches) == 4
     with pytest.raises(ValueError, match="valid"):
         label_units(organism, "visual.layer4", probe[:4], CONCEPTS, method="nope")
 

@@ -95,19 +95,9 @@ class UnitLabels:
 
     def plot(self, unit: int, n: int = 10, ax=None):
         """Bar chart of ``unit``'s ``n`` best concepts; returns the figure."""
-        import matplotlib.pyplot as plt
-        best = self.top(unit, n)
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(4, 0.25 * len(best) + 1))
-        else:
-            fig = ax.figure
-        ax.barh(range(len(best)), [s for _, s in best], color="tab:green")
-        ax.set_yticks(range(len(best)), [c for c, _ in best])
-        ax.invert_yaxis()
-        ax.set_xlabel(f"{self.method} score")
-        ax.set_title(f"{self.site} unit {unit}", fontsize=9)
-        fig.tight_layout()
-        return fig
+        from ._plot import ranked_bars
+        return ranked_bars(self.top(unit, n), xlabel=f"{self.method} score", title=f"{self.site} unit {unit}",
+                           color="tab:green", ax=ax)
 
     def _repr_html_(self) -> str:
         return (f"<p>UnitLabels ({self.method}): {len(self.units)} units of {self.site}, "

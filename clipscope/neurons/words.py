@@ -163,19 +163,10 @@ class WordResponses:
 
     def plot(self, site: str, unit: int | Unit, n: int = 20, ax=None):
         """Horizontal bar chart of the ``n`` top words of ``unit``; returns the figure."""
-        import matplotlib.pyplot as plt
-        top = self.top(site, unit, n)
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(4, 0.25 * len(top) + 1))
-        else:
-            fig = ax.figure
-        ax.barh(range(len(top)), [s for _, s in top], color="tab:blue")
-        ax.set_yticks(range(len(top)), [w for w, _ in top])
-        ax.invert_yaxis()
-        ax.set_xlabel("mean activation")
-        ax.set_title(f"{site} unit {unit.index if isinstance(unit, Unit) else unit}", fontsize=9)
-        fig.tight_layout()
-        return fig
+        from ._plot import ranked_bars
+        index = unit.index if isinstance(unit, Unit) else unit
+        return ranked_bars(self.top(site, unit, n), xlabel="mean activation", title=f"{site} unit {index}",
+                           color="tab:blue", ax=ax)
 
     def _repr_html_(self) -> str:
         rows = "".join(f"<tr><td>{s}</td><td>{a.shape[1]}</td></tr>" for s, a in self.responses.items())
