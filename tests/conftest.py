@@ -26,6 +26,25 @@ def tiny_vit() -> clipscope.ClipModel:
     return clipscope.load("clipscope-tiny-vit", device="cpu")
 
 
+@pytest.fixture(scope="session")
+def organism() -> clipscope.ClipModel:
+    """The built-in model organism, loaded once for the whole run."""
+    return clipscope.load("organism", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Pin torch to one CPU thread for a module whose thresholds were measured that way; restore after.
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``: it is set up before the
+    module's own fixtures, so they run on one thread too.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=["clipscope-tiny-rn", "clipscope-tiny-vit"])
 def tiny(request, tiny_rn, tiny_vit) -> clipscope.ClipModel:
     return tiny_rn if request.param == "clipscope-tiny-rn" else tiny_vit

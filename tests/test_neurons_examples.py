@@ -8,7 +8,6 @@ matplotlib.use("Agg")
 import pytest
 import torch
 
-import clipscope
 from clipscope.hooks import feature_last
 from clipscope.neurons import dataset_examples
 from clipscope.organism import COLOURS
@@ -18,10 +17,7 @@ from .conftest import make_images
 N_PER_COLOUR = 20
 
 
-@pytest.fixture(scope="module")
-def organism():
-    torch.set_num_threads(1)
-    return clipscope.load("organism", device="cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

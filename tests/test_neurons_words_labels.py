@@ -2,18 +2,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-import clipscope
 from clipscope.hooks import Unit
 from clipscope.neurons import ablation_effect, default_words, label_units, word_responses
 from clipscope.organism import COLOURS, READING_TEMPLATES, SHAPES, WORDS, scenes
 
 
-@pytest.fixture(scope="module")
-def organism():
-    torch.set_num_threads(1)
-    return clipscope.load("organism", device="cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

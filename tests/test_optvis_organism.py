@@ -28,7 +28,6 @@ import numpy as np
 import pytest
 import torch
 
-import clipscope
 from clipscope import Unit
 from clipscope import optvis as ov
 from clipscope.optvis.transform import ClipInput
@@ -53,12 +52,7 @@ def pre_activation_site(site: str) -> str:
     return f"{site}.0.act3.pre"
 
 
-@pytest.fixture(scope="module")
-def organism():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield clipscope.load("organism", device="cpu")
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -149,12 +149,6 @@ def test_training_is_deterministic(tmp_path):
 
 
 # =========================================================================== shipped model
-@pytest.fixture(scope="module")
-def organism():
-    import clipscope
-    return clipscope.load("organism", device="cpu")
-
-
 def test_shipped_weights_file():
     assert os.path.getsize(WEIGHTS_PATH) < 25 * 1024 * 1024
     info = json.load(open(os.path.join(ORG_DIR, "organism.json")))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from clipscope.organism import SHAPES
 from clipscope.organism.scenes import object_scene
@@ -44,11 +43,12 @@ CARD_SUCCESS_THRESHOLD = 0.40
 CARD_ACCURACY_DROP = 0.30
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
-def model():
-    import clipscope
-    torch.set_num_threads(1)
-    return clipscope.load("organism", device="cpu")
+def model(organism):
+    return organism
 
 
 @pytest.fixture(scope="module")
