@@ -32,14 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data import (
-    ImageLoadError,
-    iter_images,
-    list_image_files,
-    load_image,
-    prefetch,
-    source_length,
-)
+from ..data import (ImageLoadError, iter_images, list_image_files, load_image, prefetch, source_fingerprint,
+                    source_length)
 from ..hooks import feature_last
 from ..io import write_bytes_atomic
 
@@ -262,68 +256,6 @@ def _load_keys(source: Any, keys: list[Any], mean, std) -> dict[Any, Any]:
 
 # ----------------------------------------------------------------------------------------
 # Fingerprints and the cache
-
-
-def source_fingerprint(source: Any) -> str | None:
-    """A hash identifying the images of ``source``, or ``None`` where it cannot be known without consuming it.
-
-    Folders and paths hash the paths with their sizes and modification times; in-memory images
-    (PIL, arrays, bytes, tensors) hash their pixels; ``datasets.Dataset`` tables use their own
-    fingerprint and length. Streams (generators, ``IterableDataset``) have none: pass
-    ``fingerprint=`` to :func:`dataset_examples` to cache them.
-    """
-    h = hashlib.sha256()
-
-    def add(*parts: Any) -> None:
-        for p in parts:
-            h.update(p if isinstance(p, bytes) else repr(p).encode())
-            h.update(b"\0")
-
-    def item_digest(item: Any) -> bool:
-        if isinstance(item, Image.Image):
-            add("pil", item.mode, item.size, hashlib.sha256(item.tobytes()).digest())
-        elif isinstance(item, (str, os.PathLike)):
-            p = Path(item)
-            st = p.stat() if p.is_file() else None
-            add("path", str(p.resolve()), st and (st.st_size, st.st_mtime_ns))
-        elif isinstance(item, (bytes, bytearray)):
-            add("bytes", hashlib.sha256(bytes(item)).digest())
-        elif isinstance(item, np.ndarray):
-            add("array", item.dtype.str, item.shape, hashlib.sha256(np.ascontiguousarray(item).tobytes()).digest())
-        elif isinstance(item, torch.Tensor):
-            t = item.detach().cpu().contiguous()
-            add("tensor", str(t.dtype), tuple(t.shape), hashlib.sha256(t.view(torch.uint8).numpy().tobytes()
-                                                                        if t.numel() else b"").digest())
-        elif isinstance(item, dict) and ("bytes" in item or "path" in item):
-            return item_digest(item.get("bytes") or item.get("path"))
-        else:
-            return False
-        return True
-
-    if isinstance(source, torch.Tensor):
-        item_digest(source)
-        return h.hexdigest()
-    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
-        files = list_image_files(source)
-        add("folder", str(Path(source).resolve()), len(files))
-        for f in files:
-            item_digest(f)
-        return h.hexdigest()
-    if hasattr(source, "features") and hasattr(source, "__iter__"):
-        fp = getattr(source, "_fingerprint", None)
-        if fp is None or not hasattr(source, "__len__"):
-            return None
-        add("datasets", fp, len(source))
-        return h.hexdigest()
-    if item_digest(source):
-        return h.hexdigest()
-    if isinstance(source, (list, tuple)):
-        add("sequence", len(source))
-        for i in range(len(source)):
-            if not item_digest(list.__getitem__(source, i) if isinstance(source, list) else source[i]):
-                return None
-        return h.hexdigest()
-    return None
 
 
 def cache_key(model_id: str, fingerprint: str, site: str, k: int, units: Sequence[int] | None) -> str:
