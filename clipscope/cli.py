@@ -92,6 +92,66 @@ def cmd_audit(args) -> int:
     return cli_audit(args.spec, args.out)
 
 
+def _unit_list(text: str) -> list[int]:
+    """``"0-7"``, ``"3,17,42"`` or a mix (``"0-3,9"``) as a list of ints."""
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, dash, hi = part.partition("-")
+        try:
+            out.extend(range(int(lo), int(hi) + 1) if dash else [int(part)])
+        except ValueError:
+            raise ValueError(f"--units: cannot read {part!r}; use e.g. 0-7 or 3,17,42") from None
+    if not out:
+        raise ValueError("--units is empty")
+    return out
+
+
+def cmd_visualize(args) -> int:
+    import io
+    import time
+
+    from matplotlib.figure import Figure
+
+    from . import optvis
+    from .hooks import Unit
+    from .io import figure_png, write_bytes_atomic
+    if (args.site is None) == (not args.prompt):
+        raise ValueError("give either --site (with --units) or --prompt, not both")
+    model = _load(args)
+    if args.prompt:
+        objective = optvis.text_direction(model, args.prompt)
+        items, batch, what = objective, args.batch, f"text direction {args.prompt}"
+    else:
+        model.site(args.site)  # unknown names raise with close matches
+        target = args.site if args.exact_site else optvis.optimization_site(model, args.site)
+        items = [Unit.channel(target, u) for u in _unit_list(args.units)]
+        batch, what = None, f"{len(items)} unit(s) of {args.site}" + ("" if target == args.site else f" (at {target})")
+    start = time.perf_counter()
+    result = optvis.render(model, items, param=args.param, steps=args.steps, size=args.size, seed=args.seed,
+                           batch=batch)
+    seconds = time.perf_counter() - start
+    if not args.prompt:
+        result.units = [Unit.channel(args.site, u.index) for u in items]  # name the images by the site asked for
+    paths = result.save(args.out)
+    buf = io.BytesIO()
+    result.grid().save(buf, format="PNG")
+    grid = write_bytes_atomic(f"{args.out}/grid.png", buf.getvalue())
+    fig = Figure(figsize=(6, 3))
+    ax = fig.add_subplot()
+    ax.plot(result.trace.numpy(), lw=0.8)
+    ax.set(xlabel="step", ylabel="objective", title=what)
+    write_bytes_atomic(f"{args.out}/trace.png", figure_png(fig))
+    final = result.trace[-1].tolist()
+    print(f"{model.id}: {what}, {args.steps} steps in {seconds:.1f} s")
+    for label, value in zip(result.labels, final):
+        print(f"  {label}: final objective {value:.4g}")
+    print(f"wrote {len(paths)} PNG(s), grid.png and trace.png to {grid.parent.resolve()}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     run_demo(args.model, pretrained=args.pretrained, device=args.device, out=args.out)
@@ -106,6 +166,22 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--out", default="clipscope-demo", help="report folder (default: clipscope-demo)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("visualize", help="feature visualization: render units of a site, or a text direction")
+    p.add_argument("--site", help="image-tower site, e.g. visual.layer4 (see `clipscope layers`)")
+    p.add_argument("--units", default="0-7", help="channel indices: 0-7 (default), 3,17,42 or a mix")
+    p.add_argument("--prompt", action="append",
+                   help="render the text direction of this prompt instead (repeat to average prompts)")
+    p.add_argument("--batch", type=int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--steps", type=int, default=256)
+    p.add_argument("--param", choices=["fourier", "maco", "pixels"], default="fourier")
+    p.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's input size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exact-site", action="store_true",
+                   help="optimize at --site itself, not before its block's final ReLU")
+    p.add_argument("--out", default="visualize-out", help="output folder (default: visualize-out)")
+    _model_args(p)
+    p.set_defaults(func=cmd_visualize)
 
     p = sub.add_parser("score", help="zero-shot batch scoring of an endpoint-format JSON request")
     p.add_argument("request", help="path to the request JSON file")

@@ -403,3 +403,36 @@ def test_facet_below_the_unit_is_required(tiny_rn, facets):
     obj = ov.faceted(Unit.channel("visual.layer1.0", 0), facet)
     with pytest.raises(ValueError, match="does not depend on the facet site"):
         render(tiny_rn, obj, steps=1)
+
+
+def test_optimization_site_is_the_last_block_before_its_relu(tiny_rn, tiny_vit):
+    assert ov.optimization_site(tiny_rn, "visual.layer4") == "visual.layer4.0.act3.pre"
+    assert ov.optimization_site(tiny_rn, "visual.layer4.0") == "visual.layer4.0.act3.pre"
+    assert ov.optimization_site(tiny_rn, "visual.layer4.0.conv3") == "visual.layer4.0.conv3"  # no ReLU after it
+    assert ov.optimization_site(tiny_vit, "visual.transformer.resblocks.1") == "visual.transformer.resblocks.1"
+    with pytest.raises(ValueError, match="Did you mean"):
+        ov.optimization_site(tiny_rn, "visual.layer9")
+
+
+def test_visualize_command_writes_one_png_per_unit_a_grid_and_the_trace(tiny_rn, tmp_path, capsys):
+    from clipscope.cli import main
+    out = tmp_path / "vis"
+    assert main(["visualize", "--model", "clipscope-tiny-rn", "--site", "visual.layer4", "--units", "0-2,7",
+                 "--steps", "4", "--out", str(out)]) == 0
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["000_visual.layer4_0.png", "001_visual.layer4_1.png", "002_visual.layer4_2.png",
+                    "003_visual.layer4_7.png", "grid.png", "trace.png"]
+    printed = capsys.readouterr().out
+    assert "4 unit(s) of visual.layer4 (at visual.layer4.0.act3.pre), 4 steps" in printed
+    assert Image.open(out / "000_visual.layer4_0.png").size == tuple(tiny_rn.image_size)[::-1]  # the input size
+
+
+def test_visualize_command_renders_a_prompt_and_rejects_bad_units(tmp_path, capsys):
+    from clipscope.cli import main
+    assert main(["visualize", "--model", "clipscope-tiny-vit", "--prompt", "a red circle", "--batch", "2",
+                 "--steps", "3", "--out", str(tmp_path)]) == 0
+    assert len(list(tmp_path.glob("00*_text_direction*.png"))) == 2
+    assert main(["visualize", "--model", "clipscope-tiny-rn", "--site", "visual.layer4", "--units", "0-x"]) == 2
+    assert "--units: cannot read '0-x'" in capsys.readouterr().err
+    assert main(["visualize", "--model", "clipscope-tiny-rn", "--site", "visual.layer4",
+                 "--prompt", "a cat"]) == 2

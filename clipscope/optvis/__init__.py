@@ -34,7 +34,7 @@ from .param import (
                          make_param,
                          natural_spectrum,
 )
-from .render import RenderResult, render
+from .render import RenderResult, optimization_site, render
 from .transform import (
                          ClipInput,
                          Compose,
@@ -50,6 +50,6 @@ __all__ = [
     "ClipInput", "Compose", "Context", "Facet", "FourierImage", "ImageParam", "Jitter", "MacoImage", "Objective",
     "Pad", "PixelImage", "RandomCrop", "RandomRotate", "RandomScale", "RenderResult", "batched", "blur",
     "channel", "direction", "diversity", "faceted", "facets", "l2", "make_param", "natural_spectrum", "neuron",
-    "objectives", "param", "pooled_activations", "render", "standard_transforms", "text_direction",
+    "objectives", "optimization_site", "param", "pooled_activations", "render", "standard_transforms", "text_direction",
     "total_variation", "train_facet", "transform", "unit",
 ]

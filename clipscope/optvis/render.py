@@ -63,7 +63,8 @@ class RenderResult:
         fig.tight_layout()
         return fig
 
-    def _grid(self, columns: int = 8, tile: int = 128, gap: int = 2):
+    def grid(self, columns: int = 8, tile: int = 128, gap: int = 2):
+        """The images tiled ``columns`` per row, each resized to ``tile`` pixels; returns one ``PIL.Image``."""
         from PIL import Image
         images = self.pil_images()
         cols = max(1, min(columns, len(images)))
@@ -76,7 +77,7 @@ class RenderResult:
 
     def _repr_html_(self) -> str:
         buf = io.BytesIO()
-        self._grid().save(buf, format="PNG")
+        self.grid().save(buf, format="PNG")
         png = base64.b64encode(buf.getvalue()).decode("ascii")
         final = self.trace[-1].tolist() if len(self.trace) else [float("nan")] * len(self.images)
         caption = ", ".join(f"{label} ({v:.3g})" for label, v in zip(self.labels, final))
@@ -130,6 +131,25 @@ def redirected_relus(module: torch.nn.Module):
     finally:
         for m in relus:
             del m.forward
+
+
+def optimization_site(model, site: str) -> str:
+    """The site to optimize a unit of ``site`` at; returns a site name.
+
+    A ResNet block (or stage) ends in an in-place ReLU, so a unit read at its output is 0,
+    with 0 gradient, wherever its pre-activation is negative: from a flat grey start many
+    units never move. Where the unit fires the pre-ReLU value equals the output, so
+    maximizing the pre-ReLU value (``<last block>.act3.pre``) maximizes the same unit and
+    always has a gradient. Sites with no final ReLU (transformer blocks, convolutions,
+    ``.pre`` sites themselves) are returned unchanged.
+    """
+    names = set(model.layers().names())
+    model.site(site)  # unknown names raise with close matches
+    blocks = sorted((n for n in names if re.fullmatch(re.escape(site) + r"\.\d+", n)),
+                    key=lambda n: int(n.rsplit(".", 1)[1]))
+    block = blocks[-1] if blocks else site
+    pre = f"{block}.act3.pre"
+    return pre if pre in names else site
 
 
 def render(model, objective_or_units: Objective | Unit | Sequence[Objective | Unit], *,
