@@ -238,3 +238,27 @@ def test_fewer_images_than_k_and_bad_units(tiny_rn):
         dataset_examples(tiny_rn, images, site, units=[10_000], progress=False)
     with pytest.raises(ValueError, match="text-tower"):
         dataset_examples(tiny_rn, images, "text.transformer", progress=False)
+
+
+def test_datasets_tables_and_streams_give_the_same_examples_as_a_list(organism, scenes, colour_units, tmp_path):
+    import datasets
+    images = [s.image for s in scenes[:60]]
+    site = colour_units["red"].layer
+    units = [colour_units[c].channel for c in ("red", "blue")]
+    reference = dataset_examples(organism, images, site, k=5, units=units, batch_size=16, progress=False)
+    table = datasets.Dataset.from_dict({"image": images, "label": list(range(60))},
+                                       features=datasets.Features({"image": datasets.Image(),
+                                                                   "label": datasets.Value("int64")}))
+    from_table = dataset_examples(organism, table, site, k=5, units=units, batch_size=16, progress=False,
+                                  cache_dir=tmp_path)
+    stream = table.to_iterable_dataset()
+    from_stream = dataset_examples(organism, stream, site, k=5, units=units, batch_size=16, progress=False)
+    for result in (from_table, from_stream):
+        for u in units:
+            assert [e.key for e in result.top(site, u)] == [e.key for e in reference.top(site, u)]
+            torch.testing.assert_close([e.value for e in result.top(site, u)],
+                                       [e.value for e in reference.top(site, u)], rtol=1e-4, atol=1e-5)
+    # the table's own fingerprint keys the cache, and the images load back from the table
+    assert len(list(tmp_path.glob("examples_*.pt"))) == 1
+    top = from_table.top(site, units[0])[0]
+    assert from_table.load([top.key])[0].size == tuple(organism.image_size)[::-1]

@@ -156,7 +156,7 @@ def render(model, objective_or_units: Objective | Unit | Sequence[Objective | Un
            param: str | ImageParam = "fourier", transforms: Callable | Sequence[Callable] | None = None,
            size: int | tuple[int, int] | None = None, steps: int = 256, lr: float | None = None,
            batch: int | None = None, seed: int = 0, redirect_steps: int = 16,
-           progress: bool = True) -> RenderResult:
+           progress: bool = True, callback: Callable[[int, torch.Tensor], None] | None = None) -> RenderResult:
     """Optimize a batch of images to maximize an objective; returns a :class:`RenderResult`.
 
     - ``objective_or_units``: one :class:`Objective` or :class:`~clipscope.hooks.Unit`,
@@ -177,6 +177,8 @@ def render(model, objective_or_units: Objective | Unit | Sequence[Objective | Un
     - ``redirect_steps``: for this many first steps, ReLUs pass gradient that would raise a
       dead unit (:func:`redirected_relus`), so units read after a ReLU that start at zero
       still move; 0 turns it off.
+    - ``callback``: called after every step with the step index (from 0) and the batch's
+      objective values ``(B,)`` (e.g. to drive a widget's progress bar).
 
     Each step is one forward and one backward pass of the image tower on the whole
     batch, capturing only the sites the objective reads.
@@ -229,6 +231,8 @@ def render(model, objective_or_units: Objective | Unit | Sequence[Objective | Un
             (-values.sum()).backward()
             optimizer.step()
             trace.append(values.detach())
+            if callback is not None:
+                callback(step, trace[-1])
             if progress and (step % 16 == 0 or step == steps - 1):
                 bar.set_postfix(objective=f"{values.detach().mean().item():.3g}")
     with torch.no_grad():
