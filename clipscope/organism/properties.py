@@ -192,6 +192,20 @@ def _dprime(acts: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (pos.mean(0) - neg.mean(0)) / np.sqrt(var + 1e-6)
 
 
+def word_units(model, layer: str = "visual.layer4", n_images: int = 400, seed: int = 90_000,
+               words: Sequence[str] = WORDS) -> list[int]:
+    """Channels of ``layer`` ranked by how selective they are for a single word, most selective first.
+
+    Each channel's score is its best d' over ``words`` on ``n_images`` word-only scenes (word
+    ``i % len(words)``, seeds ``seed + i``): the units to ablate to test what reading needs.
+    """
+    images = [word_scene(word=words[i % len(words)], seed=seed + i).image for i in range(n_images)]
+    acts = channel_means(model, images, [layer])[layer]
+    word_of = np.arange(n_images) % len(words)
+    best = np.stack([_dprime(acts, word_of == w) for w in range(len(words))]).max(axis=0)
+    return [int(c) for c in np.argsort(-best, kind="stable")]
+
+
 def unit_selectivity(model, n_objects: int = 360, n_words: int = 240,
                      layers: Sequence[str] = ("visual.layer3", "visual.layer4"), threshold: float = 2.0,
                      words: Sequence[str] = WORDS, seed: int = EVAL_SEED + 2,
