@@ -154,7 +154,7 @@ def cmd_visualize(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    run_demo(args.model, pretrained=args.pretrained, device=args.device, out=args.out)
+    run_demo(args.model, pretrained=args.pretrained, device=args.device, out=args.out, steps=args.steps)
     return 0
 
 
@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the main job on a model and write a report folder")
     _model_args(p)
     p.add_argument("--out", default="clipscope-demo", help="report folder (default: clipscope-demo)")
+    p.add_argument("--steps", type=int, default=256, help="optimization steps per feature visualization (default 256)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("visualize", help="feature visualization: render units of a site, or a text direction")

@@ -59,8 +59,12 @@ def _img(png: bytes) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" style="max-width:100%">'
 
 
-def run_attack_config(config: dict[str, Any], *, progress: bool | None = None) -> Path:
-    """Run the attack described by ``config`` and write the report; returns the path of ``index.html``."""
+def run_attack_config(config: dict[str, Any], *, progress: bool | None = None, model=None) -> Path:
+    """Run the attack described by ``config`` and write the report; returns the path of ``index.html``.
+
+    ``model``: an already loaded :class:`~clipscope.ClipModel` to use instead of loading
+    ``config["model"]``.
+    """
     import pandas as pd
 
     import clipscope
@@ -72,7 +76,8 @@ def run_attack_config(config: dict[str, Any], *, progress: bool | None = None) -
     if fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; valid: {sorted(FORMATS)}")
     out = Path(cfg.get("out", "attack-report"))
-    model = clipscope.load(cfg.get("model", "organism"), pretrained=cfg.get("pretrained"))
+    if model is None:
+        model = clipscope.load(cfg.get("model", "organism"), pretrained=cfg.get("pretrained"))
     templates = cfg.get("templates")
     seed = int(cfg.get("seed", 0))
     sections: list[str] = []
