@@ -97,7 +97,7 @@ def test_point_estimates_agree_with_fairlearn_metricframe():
     assert summary["max_gap"].iloc[0] == pytest.approx(mf.difference())
 
 
-def test_bootstrap_interval_is_close_to_the_normal_approximation_and_seeded():
+def test_rate_interval_is_close_to_the_normal_approximation_and_ratios_are_seeded():
     rng = np.random.default_rng(0)
     labels = np.repeat(["A", "B"], 400)
     y = np.concatenate([rng.random(400) < 0.25, rng.random(400) < 0.10])
@@ -109,7 +109,28 @@ def test_bootstrap_interval_is_close_to_the_normal_approximation_and_seeded():
     g2, _, _ = disaggregate({"o": (y, np.ones(800, bool))}, labels, grouping="g", n_boot=2000, seed=3)
     pd.testing.assert_frame_equal(g1, g2)
     g3, _, _ = disaggregate({"o": (y, np.ones(800, bool))}, labels, grouping="g", n_boot=2000, seed=4)
-    assert not np.allclose(g1["ci_low"], g3["ci_low"]) or not np.allclose(g1["ci_high"], g3["ci_high"])
+    assert not np.allclose(g1["ratio_ci_low"], g3["ratio_ci_low"])   # the ratio's interval is bootstrapped
+    pd.testing.assert_frame_equal(g1[["ci_low", "ci_high"]], g3[["ci_low", "ci_high"]])  # score intervals: no draws
+
+
+def test_rates_of_zero_and_one_get_honest_intervals_not_points():
+    labels = np.repeat(["A", "B", "C"], 200)
+    y = labels == "B"                                # B always, A and C never
+    groups, _, _ = disaggregate({"o": (y, np.ones(600, bool))}, labels, grouping="g", n_boot=500, seed=0)
+    g = groups.set_index("group")
+    assert g.loc["A", "ci_low"] == 0 and g.loc["A", "ci_high"] == pytest.approx(0.0188, abs=5e-4)  # Wilson, 0/200
+    assert g.loc["B", "ci_high"] == 1 and g.loc["B", "ci_low"] == pytest.approx(0.9812, abs=5e-4)
+    assert g.loc["B", "diff_ci_low"] < 1 and g.loc["B", "diff_ci_low"] > 0.95   # Newcombe: wide of a point
+    assert g.loc["A", "diff_ci_low"] < -0.5 < g.loc["A", "diff_ci_high"]
+
+
+def test_wilson_and_newcombe_match_published_values():
+    from clipscope.audit.metrics import newcombe_diff, wilson
+    # Newcombe (1998), Statistics in Medicine 17:857, table II: 56/70 - 48/80 -> 0.0524 to 0.3339
+    lo, hi = newcombe_diff(56, 70, 48, 80)
+    assert (round(lo, 4), round(hi, 4)) == (0.0524, 0.3339)
+    assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert np.isnan(wilson(0, 0)[0])
 
 
 def test_resamples_are_shared_across_outcomes_so_changes_are_paired():

@@ -1,11 +1,17 @@
 """Audit metrics: disaggregated rates with bootstrap intervals, significance tests, retrieval skew.
 
 Classification side (:func:`disaggregate`): for binary per-image outcomes (``assigned a harmful
-class``, ``correct``), the rate in every group, the group's difference and ratio to the rest of the
-data (all other groups pooled), their percentile-bootstrap intervals, Fisher's exact test and a
+class``, ``correct``), the rate in every group with its Wilson score interval, the group's difference
+to the rest of the data (all other groups pooled) with Newcombe's score interval for a difference of
+two independent proportions, the ratio to the rest with a percentile-bootstrap interval, Fisher's exact test and a
 two-proportion z-test of the gap (two-sided, Holm-adjusted across the groups of one grouping), and
 for the grouping as a whole the largest gap (max - min), the smallest ratio (min / max) and a
 chi-square test of homogeneity. Point estimates come from fairlearn's ``MetricFrame``.
+
+Score intervals rather than the bootstrap for rates and differences: at a rate of 0 or 1 (a group
+never or always labelled "thief") every bootstrap resample has the same rate, so a percentile
+interval collapses to a point and claims a certainty 200 images cannot give; the Wilson interval
+for 0 of 200 is [0, 0.019] at 95%. Gaps, ratios and changes keep the bootstrap, which pairs them.
 
 The bootstrap resamples images *within each group* (group sizes fixed), with draws that depend only
 on ``(seed, grouping, group)``. Every outcome computed for the same rows therefore uses the same
@@ -133,6 +139,29 @@ def _ci(samples: np.ndarray, confidence: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n``; ``(nan, nan)`` when ``n == 0``."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    from statistics import NormalDist
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def newcombe_diff(k1: int, n1: int, k2: int, n2: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Newcombe's hybrid score interval (his method 10) for ``k1/n1 - k2/n2``, independent samples."""
+    if n1 <= 0 or n2 <= 0:
+        return float("nan"), float("nan")
+    p1, p2 = k1 / n1, k2 / n2
+    l1, u1 = wilson(k1, n1, confidence)
+    l2, u2 = wilson(k2, n2, confidence)
+    d = p1 - p2
+    return (d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
+
+
 def group_labels(frame: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
     """One label per row for a grouping: the column's value, or the values joined by ' × '."""
     if len(columns) == 1:
@@ -205,12 +234,11 @@ def disaggregate(outcomes: Mapping[str, tuple[np.ndarray, np.ndarray]], labels: 
                 kr, nr = K - k, N - n
                 rest = kr / nr if nr else float("nan")
                 rest_star = (tot_k[j] - boot_k[g][j]) / (tot_n[j] - boot_n[g][j])
-                d_star = p_star[g] - rest_star
                 r_star = p_star[g] / rest_star
                 samples[(name, g)] = p_star[g]
                 z, pz = two_proportion_z(k, n, kr, nr)
-                lo, hi = _ci(p_star[g], confidence)
-                dlo, dhi = _ci(d_star, confidence)
+                lo, hi = wilson(k, n, confidence)
+                dlo, dhi = newcombe_diff(k, n, kr, nr, confidence)
                 rlo, rhi = _ci(r_star, confidence)
                 group_rows.append({
                     "outcome": name, "grouping": grouping, "group": g, "n": n, "count": k, "rate": rate,

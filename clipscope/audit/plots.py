@@ -24,7 +24,7 @@ def _pick_grouping(table: pd.DataFrame, grouping: str | None) -> str | None:
 
 def plot_comparison(table: pd.DataFrame, taxonomies: Sequence[str], *, outcome: str | None = None,
                     grouping: str | None = None, ax=None, title: str | None = None):
-    """Grouped bars: one cluster per group, one bar per taxonomy, percentile-bootstrap error bars.
+    """Grouped bars: one cluster per group, one bar per taxonomy, error bars from the rates' Wilson intervals.
 
     One panel per outcome (or just ``outcome``), for one grouping (default: the first single column).
     Returns the figure.

@@ -28,7 +28,9 @@ img{max-width:100%}
 
 _METHODS = (
     "Rates are the share of audited images in a group whose zero-shot prediction falls in a category "
-    "(harm) or is a correct class for the image's label (accuracy). Intervals are percentile bootstrap "
+    "(harm) or is a correct class for the image's label (accuracy). A group's rate has a Wilson score "
+    "interval and its difference to the rest a Newcombe score interval (both honest at rates of 0 or 1, where "
+    "a bootstrap interval collapses to a point); ratios, gaps and changes have percentile bootstrap "
     "intervals at the stated confidence, resampling images within each group (group sizes fixed) with seeded "
     "draws; the same resamples are used for every taxonomy, so intervals for changes between taxonomies are "
     "paired. 'diff vs rest' compares a group with all other groups pooled; p-values are two-sided Fisher "
