@@ -2,8 +2,12 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# Debian's Chromium, for the browser test (tests/test_browser.py, driven by Playwright; no browser download)
+CHROMIUM ?= /usr/bin/chromium
+# the model `make lab` opens the notebooks on
+CLIPSCOPE_MODEL ?= organism
 
-.PHONY: demo test bench install lab clean
+.PHONY: demo test bench install chromium lab clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,16 +21,38 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 
 install: $(VENV)/.installed
 
+# Installs Debian's chromium when it is absent, quietly, if apt-get exists and we are root;
+# otherwise says why and goes on (the browser test is then skipped with the reason).
+chromium:
+	@if [ -x "$(CHROMIUM)" ]; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "note: $(CHROMIUM) not found and no apt-get here: the browser test will be skipped"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+	  echo "note: $(CHROMIUM) not found and not root (run: sudo apt-get install chromium): the browser test will be skipped"; \
+	else \
+	  echo "installing Debian's chromium for the browser test (apt-get)..."; \
+	  log=$$(mktemp); \
+	  if DEBIAN_FRONTEND=noninteractive apt-get update -qq >$$log 2>&1 && \
+	     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >>$$log 2>&1; \
+	  then echo "installed $$($(CHROMIUM) --version 2>/dev/null)"; \
+	  else tail -n 5 $$log; echo "note: apt-get could not install chromium: the browser test will be skipped"; fi; \
+	  rm -f $$log; \
+	fi
+
 ## make demo: install, then run the main job on the built-in model organism
 demo: install
 	$(PY) -m clipscope demo --out clipscope-demo
 
-## make test: install, then run the whole suite (prints its duration)
-test: install
+## make test: install (Python packages, and Chromium for the browser test), then run the whole suite (prints its duration)
+test: install chromium
 	@start=$$(date +%s); \
 	$(PY) -m pytest; status=$$?; \
 	echo "suite time: $$(( $$(date +%s) - start )) s"; \
 	exit $$status
+
+## make lab: install, then start JupyterLab on notebooks/ (CLIPSCOPE_MODEL defaults to organism; LAB_ARGS="--no-browser --port 8889" for more)
+lab: install
+	CLIPSCOPE_MODEL=$(CLIPSCOPE_MODEL) $(PY) -m jupyterlab --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 ## make bench: print the benchmark figures (not part of the tests)
 bench: install
@@ -36,4 +62,4 @@ bench: install
 	$(PY) bench/audit_cache.py
 
 clean:
-	rm -rf $(VENV) clipscope-demo .pytest_cache
+	rm -rf $(VENV) clipscope-demo .pytest_cache test-artifacts
