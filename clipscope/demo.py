@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .io import figure_png, write_bytes_atomic, write_text_atomic
-from .neurons.atlas import _slug
+from .neurons.atlas import page_name
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The bias audit the demo runs (ships with the repository, not with the wheel).
@@ -221,7 +221,7 @@ def _index_page(model_name: str, held: dict[str, Any], parts: list[tuple[str, fl
                    for t, s, m in parts)
     atlas = held["atlas"]
     atlas_rows = "".join(
-        f"<li><a href='atlas/{html.escape(_slug(s))}.html'>{html.escape(s)}</a>: "
+        f"<li><a href='atlas/{html.escape(page_name(s))}.html'>{html.escape(s)}</a>: "
         + ", ".join(f"unit {u} <i>{html.escape(atlas['labels'][s][u])}</i>" for u in units) + "</li>"
         for s, units in atlas["sites"].items())
     attack = held["attack"]

@@ -102,7 +102,7 @@ def png_data_uri(image: Image.Image, size: int | None = None, fmt: str = "PNG") 
     return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _bars(items: Sequence[tuple[str, float]], colour: str) -> str:
+def bars_html(items: Sequence[tuple[str, float]], colour: str) -> str:
     """Ranked items as HTML rows with bars proportional to their score (relative to the range shown)."""
     if not items:
         return "<p><i>none</i></p>"
@@ -134,9 +134,9 @@ def unit_card_html(view: UnitView, *, vis_size: int = 128, example_size: int = 7
             f'<div style="display:flex;gap:10px;align-items:flex-start;margin-top:4px">'
             f'<div>{vis}</div>'
             f'<div style="max-width:{4 * (example_size + 4)}px"><div style="color:#555">dataset examples</div>{examples}</div>'
-            f'<div><div style="color:#555">top rendered words</div>{_bars(view.words, "#4a7fc1")}</div>'
+            f'<div><div style="color:#555">top rendered words</div>{bars_html(view.words, "#4a7fc1")}</div>'
             f'<div><div style="color:#555">concept scores ({html.escape(view.label_method)})</div>'
-            f'{_bars(view.labels, "#4a9a5a")}</div>'
+            f'{bars_html(view.labels, "#4a9a5a")}</div>'
             f"</div></div>")
 
 
@@ -308,7 +308,7 @@ class Atlas:
             if render:
                 self.visualize(site, chosen)
             views = [self.view(site, u) for u in chosen]
-            page = f"{_slug(site)}.html"
+            page = f"{page_name(site)}.html"
             body = "".join(unit_card_html(v) for v in views)
             timing = ", ".join(f"{what} {s:.1f} s" for (st, what), s in self.timings.items() if st == site)
             write_text_atomic(folder / page, _page(
@@ -339,7 +339,8 @@ def _as_pil(image: Any) -> Image.Image:
     return Image.fromarray(array)
 
 
-def _slug(site: str) -> str:
+def page_name(site: str) -> str:
+    """The file name stem of ``site``'s atlas page (``<stem>.html``)."""
     return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in site)
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import ipywidgets as widgets
 from PIL import Image
 
-from ..neurons.atlas import Atlas, UnitView, _bars
+from ..neurons.atlas import Atlas, UnitView, bars_html
 
 __all__ = ["NeuronExplorer"]
 
@@ -82,10 +82,10 @@ class _UnitPanel(widgets.VBox):
             self.visualization.value = _png(blank, self.vis_size)
             self.vis_note.value = "<small>not rendered yet: press <i>render</i></small>"
         self.examples.value = self._strip_png(view)
-        self.words.value = _bars(view.words, "#4a7fc1")
+        self.words.value = bars_html(view.words, "#4a7fc1")
         best = (f"<b>{html.escape(view.label)}</b> ({view.labels[0][1]:.3g})" if view.labels else "<i>none</i>")
         self.label.value = (f"<div style='font:12px sans-serif'>{best}</div>"
-                            + _bars(view.labels[1:], "#4a9a5a")
+                            + bars_html(view.labels[1:], "#4a9a5a")
                             + f"<small>{html.escape(view.label_method)} over {n_images} images</small>")
 
     def _strip_png(self, view: UnitView) -> bytes:
