@@ -185,3 +185,5 @@ def test_explorer_layer_change_adjusts_the_unit_range(organism, images):
     assert ex.unit.max == n - 1 and "visual.layer1 · unit 3" in ex.panel_a.title.value
     with pytest.raises(ValueError, match="not among"):
         NeuronExplorer(atlas, sites=["visual.layer1"], site=SITE)
+    inner = NeuronExplorer(atlas, site="visual.layer4.0.conv3")   # any site: added to the default layers
+    assert inner.layer.options[-1] == "visual.layer4.0.conv3" and "visual.layer4" in inner.layer.options

@@ -1,4 +1,6 @@
-"""Every curated notebook runs top to bottom on the organism (outputs are committed stripped)."""
+"""Every curated notebook runs top to bottom on the organism (outputs are committed stripped), and
+on random tiny models, which take the code paths a real CLIP takes (``CLIPSCOPE_MODEL`` set to
+something other than the organism)."""
 from __future__ import annotations
 
 import time
@@ -12,18 +14,34 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 BUDGET_S = 300
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_on_the_organism(path, tmp_path, monkeypatch):
+def execute(path: Path, tmp_path: Path, monkeypatch, model: str, steps: int | None = None):
     import nbformat
     from nbclient import NotebookClient
     nb = nbformat.read(path, as_version=4)
     assert all(not c.get("outputs") and c.get("execution_count") is None
                for c in nb.cells if c.cell_type == "code"), "commit notebooks with outputs stripped"
-    monkeypatch.setenv("CLIPSCOPE_MODEL", "organism")
+    monkeypatch.setenv("CLIPSCOPE_MODEL", model)
     monkeypatch.setenv("CLIPSCOPE_OUT", str(tmp_path))  # notebooks write their files here
+    if steps is not None:
+        monkeypatch.setenv("CLIPSCOPE_STEPS", str(steps))
     start = time.perf_counter()
     NotebookClient(nb, timeout=BUDGET_S, kernel_name="python3",
                    resources={"metadata": {"path": str(path.parent)}}).execute()
     assert time.perf_counter() - start < BUDGET_S, f"{path.name} exceeded its {BUDGET_S} s budget"
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_on_the_organism(path, tmp_path, monkeypatch):
+    execute(path, tmp_path, monkeypatch, "organism")
+
+
+CASES = [(p, "clipscope-tiny-vit") for p in NOTEBOOKS] + [(ROOT / "notebooks" / "02_multimodal_neurons.ipynb",
+                                                            "clipscope-tiny-rn")]
+
+
+@pytest.mark.parametrize("path,model", CASES, ids=[f"{p.stem}-{m}" for p, m in CASES])
+def test_notebook_runs_on_another_model(path, model, tmp_path, monkeypatch):
+    """The branches a real CLIP takes (no organism concepts, a ViT's or a ResNet's own layer names)."""
+    execute(path, tmp_path, monkeypatch, model, steps=8)

@@ -98,7 +98,7 @@ class NeuronExplorer(widgets.VBox):
     """Explore units of an :class:`~clipscope.neurons.Atlas` in a notebook.
 
     - ``sites``: the layers offered (default: the image tower's top-level blocks, e.g.
-      ``visual.layer1..4`` or ``visual.transformer.resblocks.N``);
+      ``visual.layer1..4`` or ``visual.transformer.resblocks.N``, plus ``site`` if it is another);
     - ``site`` / ``unit``: what is shown first (default: the last site, unit 0);
     - ``compare``: a second unit shown side by side (``None``: comparison off).
 
@@ -110,7 +110,11 @@ class NeuronExplorer(widgets.VBox):
     def __init__(self, atlas: Atlas, sites: Sequence[str] | None = None, *, site: str | None = None,
                  unit: int = 0, compare: int | None = None, vis_size: int = 160, tile: int = 64) -> None:
         self.atlas = atlas
-        sites = list(sites) if sites is not None else _default_sites(atlas.model)
+        if sites is None:
+            sites = _default_sites(atlas.model)
+            if site is not None and site not in sites:   # e.g. a sub-block such as visual.layer4.2
+                sites.append(site)
+        sites = list(sites)
         if not sites:
             raise ValueError("no image-tower sites to explore; pass sites=[...] (see model.layers())")
         for s in sites:
