@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -42,14 +43,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--models", nargs="+", default=["organism", "clipscope-tiny-rn"],
+                        help="ResNet CLIPs (the last stage is mined); RN50 etc. load random-init")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cases = [("organism", "visual.layer4"), ("clipscope-tiny-rn", None)]
+    cases = [(name, "visual.layer4" if name == "organism" else None) for name in args.models]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.n} images, batch {args.batch}, "
           f"64 units, median of {args.repeats} interleaved repeats")
     print(f"{'model':<20}{'source':<8}{'site':<22}{'plain img/s':>12}{'mining img/s':>14}{'ratio':>8}")
     for name, site in cases:
-        model = clipscope.load(name, device=args.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a real architecture without pretrained= warns that it is random
+            model = clipscope.load(name, device=args.device)
         if site is None:  # the last stage of the tiny ResNet
             site = [n for n in model.layers().names() if n.startswith("visual.layer") and n.count(".") == 1][-1]
         units = list(range(min(64, model.site(site).n_units)))

@@ -78,7 +78,8 @@ class Attribution:
 
     def mass_in(self, box: tuple[int, int, int, int]) -> float:
         """Share (0..1) of the positive attribution that lies inside the pixel box
-        ``(left, top, right, bottom)`` (right/bottom exclusive), in the model's input coordinates."""
+        ``(left, top, right, bottom)`` (right/bottom exclusive), in the model's input coordinates;
+        NaN when the map has no positive attribution at all."""
         left, top, right, bottom = (int(v) for v in box)
         positive = self.map.clamp(min=0)
         total = float(positive.sum())
@@ -179,6 +180,10 @@ def attribute_match(model, image: Any, texts: str | Sequence[str], *, target: st
     - ``n_steps`` / ``internal_batch_size``: integrated gradients' path steps and batch;
     - ``window`` / ``stride``: occlusion patch side and step in pixels (default: 1/8 and 1/16 of
       the input size); ``n_samples`` / ``noise`` (std in [0, 1] pixel units): smoothgrad.
+
+    The model runs in its own precision: on a GPU model loaded in fp16 (``precision="auto"``),
+    score changes below fp16's resolution (about 1e-3) round to zero, and an occlusion map of a
+    weak match can be all zeros. Load with ``precision="fp32"`` for attribution of small effects.
     """
     from captum.attr import IntegratedGradients, InputXGradient, NoiseTunnel, Occlusion, Saliency
 

@@ -212,9 +212,11 @@ class ClipModel:
 
     def encode_text(self, texts: str | Sequence[str] | torch.Tensor, *, normalize: bool = True,
                     batch_size: int = 256, progress: bool | None = None) -> torch.Tensor:
-        """Return text embeddings, float32 ``(n_texts, embed_dim)`` on the model's device.
+        """Return text embeddings, float32 ``(n_texts, embed_dim)``.
 
-        ``texts`` are strings (tokenized here) or token ids from :meth:`tokenize`.
+        ``texts`` are strings (tokenized here; the result is on the CPU, like
+        :meth:`encode_image` on images, so the two multiply on any device) or token
+        ids from :meth:`tokenize` (the result is on the device the ids were on).
         Unit-normalized when ``normalize`` (the default).
         """
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
@@ -223,7 +225,8 @@ class ClipModel:
                                "encode text"):
             chunks.append(self.model.encode_text(tokens[start:start + batch_size].to(self.device)).float())
         out = torch.cat(chunks) if chunks else torch.empty(0, self.embed_dim, device=self.device)
-        return F.normalize(out, dim=-1) if normalize else out
+        out = F.normalize(out, dim=-1) if normalize else out
+        return out.to(texts.device) if isinstance(texts, torch.Tensor) else out.cpu()
 
     @property
     def embed_dim(self) -> int:
@@ -239,7 +242,8 @@ class ClipModel:
         """Return image embeddings, float32 ``(n_images, embed_dim)``.
 
         - A preprocessed ``(B, 3, H, W)`` tensor runs in one forward pass on the
-          model's device with gradients flowing to the input (for optimization).
+          model's device with gradients flowing to the input (for optimization); the
+          result is on the device the tensor was on.
         - Anything else (PIL images, paths, a folder, a ``datasets`` table, a list
           of these) is loaded, preprocessed and encoded in batches without
           gradients, with a progress bar; the result is on the CPU. If any image is
@@ -248,7 +252,8 @@ class ClipModel:
         """
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             out = self.model.encode_image(images.to(self.device, self.dtype)).float()
-            return F.normalize(out, dim=-1) if normalize else out
+            out = F.normalize(out, dim=-1) if normalize else out
+            return out.to(images.device)
         result = self.embed(images, normalize=normalize, batch_size=batch_size, progress=progress)
         if result.skipped:
             listing = "; ".join(f"{k}: {r}" for k, r in result.skipped[:10])
@@ -296,7 +301,8 @@ class ClipModel:
 
     # -- zero-shot ----------------------------------------------------------------------
     def class_embeddings(self, classes: Sequence[str], templates: str | Sequence[str] | None = None) -> torch.Tensor:
-        """Return unit-norm class embeddings ``(n_classes, embed_dim)``, one prompt ensemble per class.
+        """Return unit-norm class embeddings, float32 ``(n_classes, embed_dim)`` on the CPU, one prompt
+        ensemble per class.
 
         Cached by (model, classes, templates); the cache is bypassed while an
         ablation touches the text tower.

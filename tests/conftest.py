@@ -1,6 +1,12 @@
-"""Shared fixtures: tiny random models, a fake Hugging Face cache, and a loopback "hub"."""
+"""Shared fixtures: tiny random models, a fake Hugging Face cache, and a loopback "hub".
+
+The shared models load on the CPU in fp32. ``CLIPSCOPE_TEST_DEVICE=cuda`` (and optionally
+``CLIPSCOPE_TEST_PRECISION=fp16``) runs the same suite with them on a GPU: thresholds are the
+CPU's, so a failure there is a finding about the GPU path, not a flaky test.
+"""
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import threading
@@ -13,23 +19,26 @@ from PIL import Image
 
 import clipscope
 
+DEVICE = os.environ.get("CLIPSCOPE_TEST_DEVICE", "cpu")
+PRECISION = os.environ.get("CLIPSCOPE_TEST_PRECISION", "fp32")
+
 
 @pytest.fixture(scope="session")
 def tiny_rn() -> clipscope.ClipModel:
     torch.manual_seed(0)
-    return clipscope.load("clipscope-tiny-rn", device="cpu")
+    return clipscope.load("clipscope-tiny-rn", device=DEVICE, precision=PRECISION)
 
 
 @pytest.fixture(scope="session")
 def tiny_vit() -> clipscope.ClipModel:
     torch.manual_seed(0)
-    return clipscope.load("clipscope-tiny-vit", device="cpu")
+    return clipscope.load("clipscope-tiny-vit", device=DEVICE, precision=PRECISION)
 
 
 @pytest.fixture(scope="session")
 def organism() -> clipscope.ClipModel:
     """The built-in model organism, loaded once for the whole run."""
-    return clipscope.load("organism", device="cpu")
+    return clipscope.load("organism", device=DEVICE, precision=PRECISION)
 
 
 @pytest.fixture(scope="module")

@@ -151,10 +151,12 @@ class TestAblation:
             tiny_vit.encode_image(x)
         with tiny_vit.ablate(Unit.along(site, d)), tiny_vit.capture(site) as acts:
             tiny_vit.encode_image(x)
+        ablated, clean = acts[site].float().cpu(), clean[site].float().cpu()  # captures stay on the model's device
         unit_d = d / d.norm()
-        assert torch.allclose(acts[site] @ unit_d, torch.zeros(4, 17), atol=1e-5)
-        residual = clean[site] - (clean[site] @ unit_d).unsqueeze(-1) * unit_d
-        assert torch.allclose(acts[site], residual, atol=1e-5)
+        atol = 1e-5 if tiny_vit.dtype == torch.float32 else 1e-2
+        assert torch.allclose(ablated @ unit_d, torch.zeros(4, 17), atol=atol)
+        residual = clean - (clean @ unit_d).unsqueeze(-1) * unit_d
+        assert torch.allclose(ablated, residual, atol=atol)
 
     def test_ablation_works_in_batched_no_grad_encoding(self, tiny_vit):
         images = make_images(5)

@@ -16,7 +16,7 @@ import clipscope
 from clipscope import UnknownModelError, UnsafeCheckpointError, WeightsNotAvailableError
 from clipscope.model import resolve_device, resolve_precision
 
-from .conftest import make_images
+from .conftest import DEVICE, make_images
 
 
 def _random_open_clip(arch: str, seed: int = 1):
@@ -27,7 +27,8 @@ def _random_open_clip(arch: str, seed: int = 1):
 
 def _same_weights(loaded: clipscope.ClipModel, reference) -> bool:
     ref = reference.state_dict()
-    return all(torch.equal(v.float(), ref[k].float()) for k, v in loaded.model.state_dict().items())
+    # the loaded model may sit on a GPU in fp16 (device and precision 'auto'): compare in its dtype
+    return all(torch.equal(v.cpu(), ref[k].to(v.dtype)) for k, v in loaded.model.state_dict().items())
 
 
 def _open_clip_folder(parent, folder_name: str, model, weights_name="open_clip_model.safetensors",
@@ -48,7 +49,7 @@ def _open_clip_folder(parent, folder_name: str, model, weights_name="open_clip_m
 class TestNameForms:
     def test_tiny_configs_load_as_clip_models(self, tiny):
         assert isinstance(tiny, clipscope.ClipModel)
-        assert tiny.device.type == "cpu" and tiny.dtype == torch.float32
+        assert tiny.device.type == torch.device(DEVICE).type
         assert tiny.encode_text(["a cat"]).shape == (1, 32)
 
     def test_local_checkpoint_safetensors_and_state_dict(self, tmp_path):

@@ -21,7 +21,18 @@ class TestEncoding:
         assert torch.allclose(tiny.encode_image([str(p) for p in paths]), from_pil, atol=1e-5)
         assert torch.allclose(tiny.encode_image(str(tmp_path)), from_pil, atol=1e-5)  # a folder
         batch = torch.stack([tiny.preprocess(im) for im in images])
-        assert torch.allclose(tiny.encode_image(batch), from_pil, atol=1e-5)
+        out = tiny.encode_image(batch)
+        assert out.device == batch.device  # a tensor's embeddings come back where the tensor was
+        assert torch.allclose(out, from_pil, atol=1e-5)
+
+    def test_image_and_text_embeddings_multiply_whatever_the_models_device(self, tiny, images):
+        texts = tiny.encode_text(["a cat", "a dog"])
+        assert texts.device.type == "cpu" and tiny.class_embeddings(["cat"]).device.type == "cpu"
+        assert (tiny.encode_image(images) @ texts.T).shape == (5, 2)
+        on_model = torch.stack([tiny.preprocess(im) for im in images]).to(tiny.device)
+        assert tiny.encode_image(on_model).device.type == tiny.device.type
+        tokens = tiny.tokenize(["a cat"]).to(tiny.device)
+        assert tiny.encode_text(tokens).device.type == tiny.device.type
 
     def test_datasets_tables_are_read_through_their_image_column(self, tiny, images):
         import datasets
@@ -65,13 +76,16 @@ class TestZeroShot:
         result = tiny.zero_shot(images, self.CLASSES, templates=["a photo of a {}.", "a drawing of a {}."])
         assert result.probs.shape == (5, 3)
         assert torch.allclose(result.probs.sum(dim=1), torch.ones(5), atol=1e-6)
-        img = F.normalize(tiny.model.encode_image(torch.stack([tiny.preprocess(i) for i in images])), dim=-1)
-        per_class = []
-        for c in self.CLASSES:
-            text = F.normalize(tiny.model.encode_text(tiny.tokenize([f"a photo of a {c}.", f"a drawing of a {c}."])), dim=-1)
-            per_class.append(F.normalize(text.mean(0), dim=-1))
-        expected = (tiny.model.logit_scale.exp() * img @ torch.stack(per_class).T).softmax(dim=-1)
-        assert torch.allclose(result.probs, expected, atol=1e-5)
+        with torch.no_grad():
+            x = torch.stack([tiny.preprocess(i) for i in images]).to(tiny.device, tiny.dtype)
+            img = F.normalize(tiny.model.encode_image(x).float(), dim=-1)
+            per_class = []
+            for c in self.CLASSES:
+                tokens = tiny.tokenize([f"a photo of a {c}.", f"a drawing of a {c}."]).to(tiny.device)
+                text = F.normalize(tiny.model.encode_text(tokens).float(), dim=-1)
+                per_class.append(F.normalize(text.mean(0), dim=-1))
+            expected = (tiny.model.logit_scale.exp().float() * img @ torch.stack(per_class).T).softmax(dim=-1).cpu()
+        assert torch.allclose(result.probs, expected, atol=1e-5 if tiny.dtype == torch.float32 else 1e-2)
         assert result.predictions == [self.CLASSES[i] for i in expected.argmax(1)]
 
     def test_the_80_openai_templates_are_available_by_name(self, tiny, images):

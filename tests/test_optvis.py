@@ -172,10 +172,11 @@ def test_clip_input_uses_the_models_mean_and_std(tiny):
     assert out.shape == (2, 3, *tiny.image_size) and out.dtype == tiny.dtype
     resized = torch.nn.functional.interpolate(x, size=tiny.image_size, mode="bilinear", align_corners=False)
     mean, std = torch.tensor(tiny.image_mean).view(1, 3, 1, 1), torch.tensor(tiny.image_std).view(1, 3, 1, 1)
-    torch.testing.assert_close(out, (resized - mean) / std)
+    tol = {} if tiny.dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    torch.testing.assert_close(out.float().cpu(), (resized - mean) / std, **tol)
     assert tiny.image_mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))  # CLIP's, not ImageNet's
     imagenet = (resized - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / 0.225
-    assert not torch.allclose(out, imagenet, atol=1e-2)
+    assert not torch.allclose(out.float().cpu(), imagenet, atol=1e-2)
 
 
 # ---------------------------------------------------------------------------------------
@@ -206,6 +207,8 @@ def test_unit_objective_rises(tiny):
 
 
 def test_text_direction_rises_and_is_a_cosine(tiny):
+    if tiny.dtype != torch.float32:
+        pytest.skip("on a random tiny model the gains (~1e-4) are below fp16's resolution")
     obj = ov.text_direction(tiny, "a photo of Spider-Man")
     r = rises(tiny, obj, batch=2)
     assert r.trace.abs().max() <= 1
@@ -264,6 +267,7 @@ def test_objective_arithmetic(tiny):
 def test_render_draws_many_units_in_one_batch(tiny):
     site = spec(tiny)["site"]
     units = [Unit.channel(site, c) for c in (0, 3, 5, 7)]
+    tiny.layers()  # site discovery runs the tower once, on first use: not part of the count
     calls = []
     handle = tiny.model.visual.register_forward_hook(lambda *_: calls.append(1))
     try:
@@ -288,8 +292,12 @@ def test_render_is_reproducible_given_the_seed(tiny_vit, kind):
     a = render(tiny_vit, units, param=kind, steps=5, seed=3)
     b = render(tiny_vit, units, param=kind, steps=5, seed=3)
     c = render(tiny_vit, units, param=kind, steps=5, seed=4)
-    assert torch.equal(a.images, b.images) and torch.equal(a.trace, b.trace)
-    assert not torch.equal(a.images, c.images)
+    if tiny_vit.device.type == "cpu":
+        assert torch.equal(a.images, b.images) and torch.equal(a.trace, b.trace)
+    else:  # GPU kernels may add in a different order (atomics in backward passes): equal up to rounding
+        torch.testing.assert_close(a.images, b.images, atol=1e-3, rtol=0)
+        torch.testing.assert_close(a.trace, b.trace, atol=1e-3, rtol=1e-3)
+    assert not torch.allclose(a.images, c.images, atol=1e-2)
 
 
 def test_render_rejects_bad_units(tiny):
@@ -361,6 +369,8 @@ def test_facet_probe_separates_facet_images(tiny, facets):
 
 def test_faceted_term_is_the_weighted_attribution(tiny, facets):
     """f + w.(g * grad f) matches a finite difference of f along g -> g * (1 + eps * w)."""
+    if tiny.dtype != torch.float32:
+        pytest.skip("a finite difference needs fp32 (this is the suite's reduced-precision GPU run)")
     facet, site = facets[tiny.name], spec(tiny)["site"]
     u = Unit.channel(site, 3)
     x = ov.ClipInput(tiny)(torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(0)))
@@ -374,7 +384,7 @@ def test_faceted_term_is_the_weighted_attribution(tiny, facets):
     layout = tiny.site(facet.site).layout
 
     def f_scaled(eps: float) -> torch.Tensor:
-        scaled = feature_last(g, layout) * (1 + eps * facet.weights)
+        scaled = feature_last(g, layout) * (1 + eps * facet.weights.to(g.device, g.dtype))
         with contextlib.ExitStack() as stack, torch.no_grad():
             for c in range(len(facet.weights)):
                 stack.enter_context(tiny.ablate(Unit(facet.site, index=c), scaled[..., c]))

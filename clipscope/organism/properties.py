@@ -183,7 +183,7 @@ def channel_means(model, images, layers: Sequence[str], batch_size: int = 128) -
     from ..hooks import unit_means
     with model.capture(layers) as acts:
         model.encode_image(list(images), batch_size=batch_size, progress=False)
-    return {l: unit_means(acts[l], model.site(l).layout).float().numpy() for l in layers}
+    return {l: unit_means(acts[l], model.site(l).layout).float().cpu().numpy() for l in layers}
 
 
 def _dprime(acts: np.ndarray, mask: np.ndarray) -> np.ndarray:
