@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -297,3 +297,41 @@ def prefetch(iterable: Iterable, depth: int = 2) -> Iterator:
                 items.get_nowait()
             except queue.Empty:
                 thread.join(timeout=0.05)
+
+
+def default_workers() -> int:
+    """Threads for CPU-side image work (rendering, decoding): the usable cores, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def ordered_map(fn: Callable[[Any], Any], iterable: Iterable, workers: int, window: int | None = None) -> Iterator:
+    """Yield ``fn(item)`` for each item of ``iterable``, in order, computed by ``workers`` threads.
+
+    ``iterable`` is consumed in the calling thread, at most ``window`` items (default
+    ``2 * workers``) ahead of what has been yielded, so memory stays bounded on long streams.
+    Pays off for work that releases the GIL (Pillow's drawing, resizing and decoding);
+    ``workers <= 1`` runs ``fn`` inline. An exception in ``fn`` is raised at its item.
+    """
+    if workers <= 1:
+        for item in iterable:
+            yield fn(item)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    window = max(1, window or 2 * workers)
+    pending: deque = deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="clipscope") as pool:
+        try:
+            for item in iterable:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()

@@ -139,3 +139,45 @@ def test_open_binary_files_are_read(tiny, images, tmp_path):
         alone = tiny.encode_image(fh)
     assert torch.allclose(from_file, tiny.encode_image([images[0]]), atol=1e-5)
     assert torch.allclose(alone, from_file, atol=1e-5)
+
+
+class TestOrderedMap:
+    """``clipscope.data.ordered_map``: the thread pool behind rendering and preprocessing."""
+
+    def test_keeps_the_order_and_runs_at_most_a_window_ahead(self):
+        import threading
+        import time
+
+        from clipscope.data import ordered_map
+        consumed = []
+
+        def source():
+            for i in range(20):
+                consumed.append(i)
+                yield i
+
+        def slow_square(i):
+            time.sleep(0.002 * (i % 3))   # later items often finish first
+            return i * i, threading.current_thread().name
+
+        out, threads = [], set()
+        for value, thread in ordered_map(slow_square, source(), workers=3, window=4):
+            out.append(value)
+            threads.add(thread)
+            assert len(consumed) <= len(out) + 4
+        assert out == [i * i for i in range(20)]
+        assert all(t.startswith("clipscope") for t in threads) and 1 < len(threads) <= 3
+        assert [v for v, _ in ordered_map(slow_square, range(5), workers=1)] == [0, 1, 4, 9, 16]
+
+    def test_an_error_is_raised_at_its_item(self):
+        from clipscope.data import ordered_map
+
+        def fail_at_3(i):
+            if i == 3:
+                raise ValueError("item 3")
+            return i
+        got = []
+        with pytest.raises(ValueError, match="item 3"):
+            for v in ordered_map(fail_at_3, range(10), workers=2):
+                got.append(v)
+        assert got == [0, 1, 2]

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from clipscope.typographic import (FIXED8, AblationDefence, Attack, FunctionDefence, PromptDefence,
-                                   TextStyle, evaluate, export_attack_set, find_text_units, load_label_text_folder,
+                                   TextStyle, evaluate, export_attack_set, generate, find_text_units, load_label_text_folder,
                                    load_materzynska, load_paint, load_rta100, load_scam, render_text, sweep)
 from clipscope.typographic.evaluate import TEXT
 
@@ -131,6 +131,21 @@ class TestEvaluation:
         assert result.metrics["clean_accuracy"] == pytest.approx((f["clean_prediction"] == f["label"]).mean())
         assert result.metrics["mean_cover"] == pytest.approx(f["cover"].mean())
         assert set(result.per_class().index) == set(CLASSES)
+
+    def test_results_do_not_depend_on_the_number_of_render_workers(self, tiny_vit, tmp_path):
+        bad = tmp_path / "bad.png"
+        bad.write_bytes(b"nope")
+        images = make_images(10, size=64)
+        images.insert(4, str(bad))
+        labels = ["cat", "dog", "ipod"] * 3 + ["cat", "dog"]
+        attack = Attack.untargeted(TextStyle(size=0.2), "random")
+        one = evaluate(tiny_vit, images, labels, CLASSES, attack, batch_size=4, workers=1)
+        for workers in (2, 4):   # several threads render and preprocess, sharing nothing but the order
+            many = evaluate(tiny_vit, images, labels, CLASSES, attack, batch_size=4, workers=workers)
+            pd.testing.assert_frame_equal(many.to_frame(), one.to_frame())
+            assert many.skipped == one.skipped and len(many.skipped) == 1
+        rendered = [list(generate(attack, images, labels, CLASSES, workers=w)) for w in (1, 4)]
+        assert [np.array_equal(np.asarray(a.attacked), np.asarray(b.attacked)) for a, b in zip(*rendered)] == [True] * 10
 
     def test_unreadable_images_are_skipped_and_counted(self, tiny_vit, tmp_path):
         bad = tmp_path / "bad.png"

@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..data import ImageLoadError, iter_images
+from ..data import ImageLoadError, default_workers, iter_images, ordered_map
 from .render import Position, TextStyle, render_text
 
 
@@ -109,14 +109,22 @@ def apply(attack: Attack, image: Image.Image, label: str | None, classes: Sequen
 
 
 def generate(attack: Attack, images: Any, labels: Iterable[str | None], classes: Sequence[str], *,
-             seed: int = 0, skipped: list | None = None) -> Iterator[AttackedImage]:
+             seed: int = 0, skipped: list | None = None, workers: int | None = None) -> Iterator[AttackedImage]:
     """Lazily attack every readable image of ``images`` (any source :func:`clipscope.data.iter_images` reads).
 
     ``labels`` are the true class names in the same order. Unreadable images are
-    appended to ``skipped`` as ``(key, reason)`` and left out; nothing is held in
-    memory beyond the current image.
+    appended to ``skipped`` as ``(key, reason)`` and left out. Images are rendered by
+    ``workers`` threads (default: :func:`~clipscope.data.default_workers`), in order and
+    with the same result as one thread (each image's randomness is seeded by its
+    index); at most ``2 * workers`` images are held beyond the current one.
     """
     attack.check(classes)
+    yield from ordered_map(lambda job: attack_job(attack, classes, seed, job), readable_jobs(images, labels, skipped),
+                           default_workers() if workers is None else workers)
+
+
+def readable_jobs(images: Any, labels: Iterable[str | None], skipped: list | None) -> Iterator[tuple]:
+    """``(index, key, image, label)`` for each readable image; unreadable ones go to ``skipped``."""
     for index, ((key, image), label) in enumerate(zip(iter_images(images), labels)):
         if isinstance(image, ImageLoadError):
             if skipped is not None:
@@ -124,6 +132,12 @@ def generate(attack: Attack, images: Any, labels: Iterable[str | None], classes:
             continue
         if not isinstance(image, Image.Image):
             raise TypeError("typographic attacks need PIL images, paths or a data set, not preprocessed tensors")
-        item = apply(attack, image, label, classes, index, seed)
-        item.key = key
-        yield item
+        yield index, key, image, label
+
+
+def attack_job(attack: Attack, classes: Sequence[str], seed: int, job: tuple) -> AttackedImage:
+    """Attack the image of one :func:`readable_jobs` item (thread-safe: fonts are per thread)."""
+    index, key, image, label = job
+    item = apply(attack, image, label, classes, index, seed)
+    item.key = key
+    return item

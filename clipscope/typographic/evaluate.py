@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import batched, prefetch, source_length
-from .attack import Attack, AttackedImage, generate
+from ..data import batched, default_workers, ordered_map, prefetch, source_length
+from .attack import Attack, AttackedImage, attack_job, readable_jobs
 from .defences import Defence
 
 TEXT = "<text>"  # the prediction recorded when a defence's "text that says ..." class wins
@@ -102,8 +102,10 @@ class AttackResult:
 
 def _scores(model, images, defence: Defence, class_emb: torch.Tensor, class_map: list[str | None],
             classes: Sequence[str]) -> tuple[torch.Tensor, list[str]]:
-    """Return (probabilities over the original classes (n, C), top-1 prediction names)."""
-    x = torch.stack([model.preprocess(defence.image(im)) for im in images])
+    """Return (probabilities over the original classes (n, C), top-1 prediction names).
+
+    ``images`` are PIL images, or their tensors already preprocessed by :func:`_prepare`."""
+    x = torch.stack([im if isinstance(im, torch.Tensor) else _prepare(model, defence, im) for im in images])
     with torch.no_grad():
         emb = model.encode_image(x).cpu()
     probs = (model.logit_scale * emb @ class_emb.T).softmax(dim=-1)
@@ -116,15 +118,24 @@ def _scores(model, images, defence: Defence, class_emb: torch.Tensor, class_map:
     return merged, [class_map[t] if class_map[t] is not None else TEXT for t in top]
 
 
+def _prepare(model, defence: Defence, image) -> torch.Tensor:
+    """The model's input tensor for one image under ``defence`` (thread-safe)."""
+    return model.preprocess(defence.image(image))
+
+
 def evaluate(model, images: Any, labels: Sequence[str | None], classes: Sequence[str], attack: Attack, *,
              defence: Defence | None = None, templates: str | Sequence[str] | None = None, batch_size: int = 32,
-             seed: int = 0, progress: bool | None = None, n_examples: int = 8,
+             seed: int = 0, progress: bool | None = None, n_examples: int = 8, workers: int | None = None,
              _clean_cache: dict | None = None) -> AttackResult:
     """Attack ``images`` and compare zero-shot predictions before and after; returns an :class:`AttackResult`.
 
     ``labels`` are the true class names (or ``None`` where unknown) in the order of
     ``images`` (any source :func:`clipscope.data.iter_images` reads, generated
-    lazily). Rendering runs in a background thread, one batch ahead of the model.
+    lazily). Rendering runs off the main thread, a batch ahead of the model, in
+    ``workers`` threads: by default one when the model runs on the CPU (it needs the
+    cores), else :func:`~clipscope.data.default_workers`. With more than one worker the
+    workers also preprocess the images, so that a GPU does not wait for Pillow (on a CPU
+    model that competes with the model for the cores). Results do not depend on ``workers``.
     """
     import pandas as pd
 
@@ -144,18 +155,29 @@ def evaluate(model, images: Any, labels: Sequence[str | None], classes: Sequence
                disable=not (progress if progress is not None else (total or 0) > batch_size))
     with defence.context(model):
         class_emb = model.class_embeddings(score_classes, defence.templates(templates)).cpu()
-        stream = prefetch(batched(generate(attack, images, labels, classes, seed=seed, skipped=skipped), batch_size))
-        for chunk in stream:
+
+        n_workers = workers if workers is not None else 1 if model.device.type == "cpu" else default_workers()
+
+        def job(j):  # in a worker thread: render, and with several workers preprocess what the model will see
+            item = attack_job(attack, classes, seed, j)
+            if n_workers <= 1:
+                return item, None, item.attacked
+            cached = _clean_cache is not None and item.index in _clean_cache
+            return item, None if cached else _prepare(model, defence, item.clean), _prepare(model, defence, item.attacked)
+
+        stream = prefetch(batched(ordered_map(job, readable_jobs(images, labels, skipped), n_workers), batch_size))
+        for prepared in stream:
+            chunk = [it for it, _, _ in prepared]
             cached = _clean_cache is not None and all(it.index in _clean_cache for it in chunk)
             if cached:
                 clean_p = torch.stack([_clean_cache[it.index][0] for it in chunk])
                 clean_pred = [_clean_cache[it.index][1] for it in chunk]
             else:
-                clean_p, clean_pred = _scores(model, [it.clean for it in chunk], defence, class_emb, class_map,
-                                              classes)
+                clean = [it.clean if x is None else x for it, x, _ in prepared]
+                clean_p, clean_pred = _scores(model, clean, defence, class_emb, class_map, classes)
                 if _clean_cache is not None:
                     _clean_cache.update({it.index: (clean_p[i], clean_pred[i]) for i, it in enumerate(chunk)})
-            att_p, att_pred = _scores(model, [it.attacked for it in chunk], defence, class_emb, class_map, classes)
+            att_p, att_pred = _scores(model, [x for _, _, x in prepared], defence, class_emb, class_map, classes)
             for i, it in enumerate(chunk):
                 target = classes.index(it.text) if it.text in classes else None
                 label = classes.index(it.label) if it.label is not None else None

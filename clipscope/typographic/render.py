@@ -9,8 +9,8 @@ cover**: the fraction of pixels whose value changed.
 from __future__ import annotations
 
 import random
+import threading
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Union
 
@@ -38,12 +38,23 @@ def default_font() -> str:
     return str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans-Bold.ttf")
 
 
-@lru_cache(maxsize=64)
+_fonts = threading.local()
+
+
 def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.truetype(path, size)
-    except OSError:
-        raise ValueError(f"cannot read the font {path!r} (give the path of a TrueType/OpenType file)") from None
+    """The font at ``path`` and ``size`` in pixels, cached per thread (at most 64 per thread): a FreeType
+    face must not be used by two threads at once, and attacks are rendered by several."""
+    cache = _fonts.__dict__.setdefault("cache", {})
+    key = (path, size)
+    if key not in cache:
+        try:
+            font = ImageFont.truetype(path, size)
+        except OSError:
+            raise ValueError(f"cannot read the font {path!r} (give the path of a TrueType/OpenType file)") from None
+        if len(cache) >= 64:
+            cache.pop(next(iter(cache)))
+        cache[key] = font
+    return cache[key]
 
 
 def _rgb(colour: Colour) -> tuple[int, int, int]:
