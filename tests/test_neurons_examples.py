@@ -263,3 +263,35 @@ def test_datasets_tables_and_streams_give_the_same_examples_as_a_list(organism, 
     assert len(list(tmp_path.glob("examples_*.pt"))) == 1
     top = from_table.top(site, units[0])[0]
     assert from_table.load([top.key])[0].size == tuple(organism.image_size)[::-1]
+
+
+def test_preprocessed_tensors_give_the_same_examples_and_resume(organism, scenes, tmp_path, monkeypatch):
+    images = [s.image for s in scenes[:40]]
+    tensor = torch.stack([organism.preprocess(im) for im in images])
+    kw = dict(k=5, units=[319, 17, 3], batch_size=16, progress=False)
+    reference = dataset_examples(organism, images, "visual.layer4", **kw)
+    from_tensor = dataset_examples(organism, tensor, "visual.layer4", **kw)
+    assert_same(from_tensor, reference)
+    # an interrupted pass over a tensor resumes in the middle of it
+    original = organism.model.encode_image
+    encoded = []
+
+    def fail_on_third_batch(x, *args, **kwargs):
+        if len(encoded) == 2:
+            raise KeyboardInterrupt
+        encoded.append(len(x))
+        return original(x, *args, **kwargs)
+    monkeypatch.setattr(organism.model, "encode_image", fail_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        dataset_examples(organism, tensor, "visual.layer4", cache_dir=tmp_path, checkpoint_every=1, **kw)
+    assert encoded == [16, 16]
+    monkeypatch.setattr(organism.model, "encode_image", original)
+    calls = count_encodes(monkeypatch, organism)
+    resumed = dataset_examples(organism, tensor, "visual.layer4", cache_dir=tmp_path, **kw)
+    assert calls[0] == 1                               # only the last batch (8 images) was left
+    assert_same(resumed, from_tensor)
+    # a tensor at another resolution is skipped image by image, with the reason
+    small = torch.zeros(4, 3, 32, 32)
+    result = dataset_examples(organism, small, "visual.layer4", **kw)
+    assert result.n_seen == 0 and result.n_skipped == 4
+    assert "pass PIL images" in result.skipped[0][1]

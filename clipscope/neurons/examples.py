@@ -400,6 +400,13 @@ def _iter_from(source: Any, start: int):
 def _batches(model, source: Any, start: int, batch_size: int):
     """Background-loadable batches: ``(images (B,3,H,W) | None, positions, keys, skipped, consumed)``."""
     size = tuple(model.image_size)
+    if isinstance(source, torch.Tensor) and source.ndim == 4 and tuple(source.shape[-2:]) == size:
+        # a preprocessed tensor: batches are slices (no per-image loop, no copy; stays on its device)
+        n = source.shape[0]
+        for i in range(start, n, batch_size):
+            j = min(i + batch_size, n)
+            yield source[i:j], torch.arange(i, j), list(range(i, j)), [], j
+        return
     tensors, positions, keys, skipped = [], [], [], []
     last = start - 1
     for pos, key, item in _iter_from(source, start):
