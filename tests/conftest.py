@@ -41,6 +41,14 @@ def organism() -> clipscope.ClipModel:
     return clipscope.load("organism", device=DEVICE, precision=PRECISION)
 
 
+@pytest.fixture(autouse=True)
+def close_figures():
+    """Close the matplotlib figures a test opened (plot methods return open figures by design)."""
+    yield
+    import matplotlib.pyplot as plt
+    plt.close("all")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Pin torch to one CPU thread for a module whose thresholds were measured that way; restore after.

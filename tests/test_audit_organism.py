@@ -1,6 +1,6 @@
-"""The audit finds the model organism's planted disparity, and the bias-audit notebook runs.
+"""The audit finds the model organism's planted disparity (notebook 04 runs in test_notebooks.py).
 
-Both need the organism's trained weights (``clipscope/organism/organism.safetensors``) and skip
+The tests need the organism's trained weights (``clipscope/organism/organism.safetensors``) and skip
 with that reason while they are absent.
 """
 from __future__ import annotations

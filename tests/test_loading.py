@@ -68,9 +68,9 @@ class TestNameForms:
 
     def test_hf_hub_ids_load_from_the_cache_offline(self, hf_cache, monkeypatch):
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-        for repo, weights in [("timm/vit_base_patch16_clip_224.openai", "open_clip_model.safetensors"),
-                              ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "open_clip_pytorch_model.bin")]:
-            ref = _random_open_clip("clipscope-tiny-vit", seed=hash(repo) % 1000)
+        for seed, (repo, weights) in enumerate([("timm/vit_base_patch16_clip_224.openai", "open_clip_model.safetensors"),
+                                                ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "open_clip_pytorch_model.bin")]):
+            ref = _random_open_clip("clipscope-tiny-vit", seed=seed + 1)
             folder = _open_clip_folder(hf_cache.cache.parent, repo.replace("/", "_"), ref, weights)
             hf_cache(repo, {f.name: f for f in folder.iterdir()})
             model = clipscope.load(f"hf-hub:{repo}")
@@ -185,7 +185,7 @@ class TestErrors:
         with pytest.raises(WeightsNotAvailableError, match="offline mode is on"):
             clipscope.load("RN50", pretrained="openai")
 
-    def test_offline_error_in_a_fresh_process_is_one_message_and_fast(self, tmp_path):
+    def test_offline_error_in_a_fresh_process_is_one_message(self, tmp_path):
         """With the network unreachable, a fresh interpreter gets one error: no retries, no hub stack."""
         code = textwrap.dedent("""
             import clipscope

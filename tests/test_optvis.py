@@ -51,9 +51,12 @@ def assert_rises(trace: torch.Tensor, baseline: torch.Tensor, k: int = 4) -> Non
 
 
 def rises(model, objective, param=None, **kw) -> ov.RenderResult:
-    """Render ``objective`` and assert that it rises; ``param`` is a factory for a fresh ImageParam."""
-    result = render(model, objective, **kw, **({"param": param()} if param else {}))
-    baseline = render(model, objective, lr=0.0, **kw, **({"param": param()} if param else {}))
+    """Render ``objective`` and assert that it rises; ``param`` is a kind ("maco", ...) or a factory for a
+    fresh ImageParam."""
+    def fresh() -> dict:
+        return {} if param is None else {"param": param if isinstance(param, str) else param()}
+    result = render(model, objective, **kw, **fresh())
+    baseline = render(model, objective, lr=0.0, **kw, **fresh())
     assert_rises(result.trace, baseline.trace)
     return result
 
@@ -186,6 +189,21 @@ def test_clip_input_uses_the_models_mean_and_std(tiny):
 def test_channel_rises(tiny):
     r = rises(tiny, ov.channel(spec(tiny)["site"], 3), batch=2)
     assert r.trace.shape == (STEPS, 2)
+
+
+def test_channel_rises_with_maco(tiny):
+    rises(tiny, ov.channel(spec(tiny)["site"], 3), param="maco")
+
+
+def test_channel_rises_with_pixels_seen_untransformed(tiny):
+    # Per-pixel images are fragile: one jitter or rotation draw can undo a step's gain (why Fourier and
+    # MACO parameterizations exist), so plain pixels are checked on the image as optimized.
+    rises(tiny, ov.channel(spec(tiny)["site"], 3), param="pixels", transforms=())
+
+
+@pytest.mark.parametrize("transforms", [(), [ov.Jitter(1), ov.RandomRotate(5)]], ids=["none", "custom"])
+def test_channel_rises_without_or_with_custom_transforms(tiny, transforms):
+    rises(tiny, ov.channel(spec(tiny)["site"], 3), transforms=transforms)
 
 
 def test_neuron_at_one_location_rises(tiny):

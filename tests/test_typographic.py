@@ -58,7 +58,9 @@ class TestRenderer:
         assert big > 2 * small
 
     def test_opacity_zero_changes_nothing_and_half_opacity_blends(self):
-        assert render_text(white(), "x", TextStyle(opacity=0.0)).cover == 0.0
+        invisible = render_text(white(), "x", TextStyle(opacity=0.0))
+        assert invisible.cover == 0.0
+        assert np.array_equal(np.asarray(invisible.image), np.asarray(white()))
         half = render_text(white(), "x", TextStyle(size=30, box="black", box_opacity=1.0, opacity=0.5))
         left, top, _, _ = half.boxes[0]
         assert 100 < np.asarray(half.image)[top + 1, left + 1, 0] < 155  # white blended halfway to black

@@ -55,6 +55,7 @@ class _UnitPanel(widgets.VBox):
         self.visualization = widgets.Image(value=_png(blank, vis_size), format="png", width=vis_size, height=vis_size)
         self.visualization.add_class("clipscope-visualization" + suffix)
         self.vis_note = widgets.HTML()
+        self.vis_note.add_class("clipscope-vis-note" + suffix)
         self.examples = widgets.Image(format="png")
         self.examples.add_class("clipscope-examples" + suffix)
         self.words = widgets.HTML()
