@@ -15,7 +15,6 @@ which test the machinery but say little about the model (point the notebooks at 
 from __future__ import annotations
 
 import html
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -86,8 +85,7 @@ def atlas_section(model, out: Path, *, n_images: int = 400, units_per_site: int 
     from .organism.scenes import generate
 
     images = [s.image for s in generate(n_images, seed=seed)]
-    names = model.layers().filter(tower="visual").names()
-    blocks = [n for n in names if re.fullmatch(r"visual\.(layer\d+|transformer\.resblocks\.\d+)", n)]
+    blocks = model.layers().blocks().names()
     sites = blocks[-2:]
     chosen: dict[str, list[int]] = {s: [] for s in sites}
     if model.name == "organism":
@@ -132,8 +130,7 @@ def attack_section(model, out: Path, *, n_per_class: int = 12, seed: int = 20_00
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 scene.image.save(path)
-    names = model.layers().filter(tower="visual").names()
-    blocks = [n for n in names if re.fullmatch(r"visual\.(layer\d+|transformer\.resblocks\.\d+)", n)]
+    blocks = model.layers().blocks().names()
     config = {"data": {"path": str(data)}, "classes": list(SHAPES), "templates": list(ZERO_SHOT_TEMPLATES),
               "attack": {"size": 0.25}, "sweep": {"size": [0.1, 0.15, 0.2, 0.25, 0.3, 0.4]},
               "defences": ["prompt", "ablation"], "ablation_site": blocks[-1], "ablation_units": 16,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -143,6 +144,16 @@ class Layers(tuple):
         return Layers(s for s in self if (tower is None or s.tower == tower)
                       and (layout is None or s.layout == layout)
                       and (contains is None or contains in s.name))
+
+    def blocks(self, tower: str = "visual") -> "Layers":
+        """Return the top-level blocks of ``tower``, in forward order.
+
+        These are the ResNet stages (``visual.layer1`` .. ``visual.layer4``) or the transformer
+        blocks (``visual.transformer.resblocks.N`` for open_clip, ``visual.encoder.layers.N`` for
+        transformers models; ``text.`` likewise), the usual places to look for units.
+        """
+        pattern = re.compile(re.escape(tower) + r"\.(layer\d+|transformer\.resblocks\.\d+|encoder\.layers\.\d+)")
+        return Layers(s for s in self if pattern.fullmatch(s.name))
 
     def to_frame(self):
         """Return a DataFrame with name, tower, layout, shape, units and module type per site."""

@@ -88,6 +88,7 @@ def test_the_tokenizer_agrees_with_open_clips(hf_model, tiny_vit):
 def test_sites_use_the_same_naming_scheme(hf_model):
     names = set(hf_model.layers().names())
     assert {"visual.encoder.layers.1.mlp.fc1", "visual.projection", "text.encoder.layers.0", "text.projection"} <= names
+    assert hf_model.layers().blocks().names() == ["visual.encoder.layers.0", "visual.encoder.layers.1"]
     site = hf_model.site("visual.encoder.layers.1")
     assert site.layout == "tokens" and site.shape == (17, 32)
     with hf_model.ablate(Unit.neuron("visual.encoder.layers.1.mlp.fc1", 3)), \

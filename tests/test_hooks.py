@@ -32,6 +32,14 @@ class TestLayers:
         frame = tiny_vit.layers().filter(tower="visual", layout="tokens").to_frame()
         assert set(frame["layout"]) == {"tokens"} and "visual.ln_post" in set(frame["name"])
 
+    def test_blocks_are_the_top_level_stages_in_forward_order(self, tiny_rn, tiny_vit):
+        rn = tiny_rn.layers().blocks().names()
+        assert rn == [f"visual.layer{i}" for i in range(1, len(rn) + 1)] and len(rn) == 4
+        vit = tiny_vit.layers().blocks().names()
+        assert vit == [f"visual.transformer.resblocks.{i}" for i in range(len(vit))] and len(vit) >= 2
+        text = tiny_vit.layers().blocks("text").names()
+        assert text and all(n.startswith("text.transformer.resblocks.") for n in text)
+
     def test_unknown_site_suggests_close_names(self, tiny_rn):
         with pytest.raises(ValueError, match="visual.layer4.0"):
             tiny_rn.site("visual.layer4.O")

@@ -91,6 +91,19 @@ def test_labels_find_planted_word_units(organism, selectivity, probe):
     assert len(hits) >= 10, hits
 
 
+def test_unreadable_probe_images_are_skipped_and_listed(organism, probe, tmp_path):
+    folder = tmp_path / "probe"
+    folder.mkdir()
+    for i, image in enumerate(probe[:30]):
+        image.save(folder / f"{i:03d}.png")
+    (folder / "015_broken.png").write_bytes(b"not a png")
+    from_folder = label_units(organism, "visual.layer4", folder, CONCEPTS, units=[0, 319], progress=False)
+    readable = label_units(organism, "visual.layer4", probe[:30], CONCEPTS, units=[0, 319], progress=False)
+    assert from_folder.n_images == 30 and [k for k, _ in from_folder.skipped] == [str(folder / "015_broken.png")]
+    assert np.allclose(from_folder.scores, readable.scores, atol=1e-5)
+    assert "1 unreadable skipped" in from_folder._repr_html_()
+
+
 def test_ablation_effect(organism, selectivity):
     imgs = [scenes.word_scene(word=WORDS[i % len(WORDS)], seed=5000 + i).image for i in range(60)]
     labels = [WORDS[i % len(WORDS)] for i in range(60)]

@@ -15,8 +15,8 @@ unit-norm image and concept embeddings). Each (unit, concept) pair gets a score:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -53,7 +53,8 @@ class UnitLabels:
     """Concept scores of units of one site.
 
     ``scores`` is ``(n_units_labelled, n_concepts)``; ``labels[unit]`` lists the ``top``
-    best ``(concept, score)`` pairs, best first.
+    best ``(concept, score)`` pairs, best first. ``n_images`` probe images were read;
+    ``skipped`` lists ``(key, reason)`` for the unreadable ones.
     """
 
     site: str
@@ -63,6 +64,7 @@ class UnitLabels:
     method: str
     top_n: int
     n_images: int
+    skipped: list[tuple[Any, str]] = field(default_factory=list)
 
     @property
     def labels(self) -> dict[int, list[tuple[str, float]]]:
@@ -101,7 +103,8 @@ class UnitLabels:
 
     def _repr_html_(self) -> str:
         return (f"<p>UnitLabels ({self.method}): {len(self.units)} units of {self.site}, "
-                f"{len(self.concepts)} concepts, {self.n_images} probe images</p>"
+                f"{len(self.concepts)} concepts, {self.n_images} probe images"
+                + (f", {len(self.skipped)} unreadable skipped" if self.skipped else "") + "</p>"
                 + self.to_frame().head(30).to_html(float_format=lambda v: f"{v:.3f}"))
 
 
@@ -111,7 +114,8 @@ def label_units(model, site: str, probe_images, concepts: Sequence[str], *, unit
                 progress: bool | None = None) -> UnitLabels:
     """Label units of ``site`` with ``concepts`` by CLIP-Dissect (see the module docstring).
 
-    ``probe_images``: anything ``model.encode_image`` takes (PIL images, paths, a folder).
+    ``probe_images``: anything ``model.embed`` takes (PIL images, paths, a folder, a ``datasets``
+    table); unreadable images are skipped and listed in the result's ``skipped``.
     ``units``: channel/feature indices to label (default all). ``templates`` embed the
     concepts (``model.class_embeddings``; ``None`` for the model's default). ``top_k``,
     ``a`` (softmax scale) and ``lam`` are SoftWPMI's parameters.
@@ -130,14 +134,15 @@ def label_units(model, site: str, probe_images, concepts: Sequence[str], *, unit
         raise ValueError(f"units {bad[:10]} are out of range for {site!r} with {s.n_units} units "
                          f"(valid: 0..{s.n_units - 1})")
     with torch.no_grad(), model.capture(site) as acts:
-        image_emb = model.encode_image(probe_images, batch_size=batch_size, progress=progress)
+        embedded = model.embed(probe_images, batch_size=batch_size, progress=progress, desc="label units")
+    if len(embedded.keys) < 2:
+        raise ValueError(f"probe_images must hold at least two readable images ({len(embedded.keys)} read, "
+                         f"{len(embedded.skipped)} unreadable)")
     A = unit_means(acts[site], s.layout).float().cpu()
-    if A.shape[0] < 2:
-        raise ValueError("probe_images must hold at least two images")
-    P = image_emb.float().cpu() @ model.class_embeddings(concepts, templates).float().cpu().T
+    P = embedded.embeddings @ model.class_embeddings(concepts, templates).float().cpu().T
     if method == "soft_wpmi":
         scores = soft_wpmi(P, A, top_k=top_k, a=a, lam=lam)   # prior over all units of the site
     else:
         scores = cos_cubed(P, A)
     scores = scores[unit_list].numpy()
-    return UnitLabels(site, unit_list, concepts, scores, method, top, A.shape[0])
+    return UnitLabels(site, unit_list, concepts, scores, method, top, A.shape[0], list(embedded.skipped))

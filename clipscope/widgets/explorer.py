@@ -98,8 +98,8 @@ class _UnitPanel(widgets.VBox):
 class NeuronExplorer(widgets.VBox):
     """Explore units of an :class:`~clipscope.neurons.Atlas` in a notebook.
 
-    - ``sites``: the layers offered (default: the image tower's top-level blocks, e.g.
-      ``visual.layer1..4`` or ``visual.transformer.resblocks.N``, plus ``site`` if it is another);
+    - ``sites``: the layers offered (default: the image tower's top-level blocks,
+      :meth:`~clipscope.model.Layers.blocks`, plus ``site`` if it is another);
     - ``site`` / ``unit``: what is shown first (default: the last site, unit 0);
     - ``compare``: a second unit shown side by side (``None``: comparison off).
 
@@ -112,7 +112,7 @@ class NeuronExplorer(widgets.VBox):
                  unit: int = 0, compare: int | None = None, vis_size: int = 160, tile: int = 64) -> None:
         self.atlas = atlas
         if sites is None:
-            sites = _default_sites(atlas.model)
+            sites = atlas.model.layers().blocks().names()
             if site is not None and site not in sites:   # e.g. a sub-block such as visual.layer4.2
                 sites.append(site)
         sites = list(sites)
@@ -213,8 +213,3 @@ class NeuronExplorer(widgets.VBox):
         """Render the shown units' visualizations (what the *render* button does)."""
         self._on_render()
 
-
-def _default_sites(model) -> list[str]:
-    import re
-    names = model.layers().filter(tower="visual").names()
-    return [n for n in names if re.fullmatch(r"visual\.(layer\d+|transformer\.resblocks\.\d+)", n)]
