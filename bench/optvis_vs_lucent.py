@@ -4,9 +4,12 @@ The same channel objectives (channels 0..N-1 of the last ResNet block, ``layer4.
 in clipscope's names, ``layer4_0`` in lucent's), the same image size, the same
 parameterization (lucent's decorrelated Fourier image, which clipscope wraps),
 the same optimizer (Adam, lr 0.05) and the same number of steps, on the same
-model's image tower, for 1 and for N units. Three arms:
+model's image tower, for 1 and for N units. Four arms:
 
-- ``clipscope``: one ``render`` call, the N units as one batch;
+- ``clipscope``: one ``render`` call, the N units as one batch; its forward pass stops at
+  ``layer4.0``, the deepest site the objective reads (the default);
+- ``clipscope full``: the same, but the tower runs to the end at every step, as in lucent (equal
+  work: this arm isolates batching and per-step overhead from the early stop);
 - ``lucent seq``: one ``render_vis`` call per unit (its documented use: one objective per call);
 - ``lucent batch``: one ``render_vis`` call on a batch of N images with the sum of
   ``channel(layer, c, batch=i)`` objectives (lucent's own way to batch).
@@ -17,7 +20,8 @@ built-in preprocessing is ImageNet's; ``fixed_image_size`` set to the model's in
 size so it does not upsample to 224). Both run in fp32 (lucent's images are fp32).
 clipscope runs with ``redirect_steps=0`` (no ReLU gradient redirection), as lucent has none.
 Reported: steps/s of each call and unit-steps/s (units x steps / s), the median of
-``--repeats`` interleaved repeats after a warm-up; ratios are clipscope / lucent.
+``--repeats`` interleaved repeats after a warm-up; each ratio is ``clipscope``'s unit throughput
+over that arm's.
 Models: the tiny ResNet config, a random-init RN50, and the organism when its
 weights exist.
 
@@ -41,10 +45,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def clipscope_arm(model, channels: list[int], size: int, steps: int):
-    units = [Unit.channel("visual.layer4.0", c) for c in channels]
-    return lambda: optvis.render(model, units, param="fourier", size=size, steps=steps, lr=0.05,
-                                 redirect_steps=0, progress=False)  # lucent does no ReLU redirection: same work
+def clipscope_arm(model, channels: list[int], size: int, steps: int, full_pass: bool = False):
+    objective = optvis.batched([Unit.channel("visual.layer4.0", c) for c in channels])
+    if full_pass:  # declaring that the objective reads the embedding keeps the whole tower running
+        objective = optvis.Objective(objective.fn, objective.name, units=objective.units, elementwise=False,
+                                     reads_embedding=True)
+    return lambda: optvis.render(model, objective, batch=len(channels), param="fourier", size=size, steps=steps,
+                                 lr=0.05, redirect_steps=0, progress=False)  # lucent has no ReLU redirection
 
 
 def lucent_arms(model, channels: list[int], size: int, steps: int):
@@ -100,7 +107,7 @@ def main() -> None:
     device = clipscope.model.resolve_device(args.device)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, steps {args.steps}, "
           f"median of {args.repeats} interleaved repeats")
-    print(f"{'model':<20}{'units':>6}{'arm':>14}{'s/call':>9}{'steps/s':>9}{'unit-steps/s':>14}{'ratio':>8}")
+    print(f"{'model':<20}{'units':>6}{'arm':>16}{'s/call':>9}{'steps/s':>9}{'unit-steps/s':>14}{'ratio':>8}")
     for name in args.models:
         try:
             with warnings.catch_warnings():
@@ -112,7 +119,8 @@ def main() -> None:
         size = model.image_size[0]
         for n in args.units:
             channels = list(range(n))
-            arms = {"clipscope": clipscope_arm(model, channels, size, args.steps)}
+            arms = {"clipscope": clipscope_arm(model, channels, size, args.steps),
+                    "clipscope full": clipscope_arm(model, channels, size, args.steps, full_pass=True)}
             sequential, batched = lucent_arms(model, channels, size, args.steps)
             arms["lucent seq"] = sequential
             if n > 1:
@@ -128,9 +136,9 @@ def main() -> None:
             best = {arm: statistics.median(t) for arm, t in times.items()}
             for arm, seconds in best.items():
                 unit_steps = n * args.steps / seconds
-                # a lucent arm's ratio is clipscope's unit throughput over its own
+                # clipscope's unit throughput over this arm's
                 ratio = "" if arm == "clipscope" else f"{seconds / best['clipscope']:>8.2f}"
-                print(f"{name:<20}{n:>6}{arm:>14}{seconds:>9.2f}{args.steps / seconds:>9.2f}{unit_steps:>14.1f}{ratio}")
+                print(f"{name:<20}{n:>6}{arm:>16}{seconds:>9.2f}{args.steps / seconds:>9.2f}{unit_steps:>14.1f}{ratio}")
 
 
 if __name__ == "__main__":

@@ -342,6 +342,10 @@ class Activations(Mapping[str, torch.Tensor]):
         return len(self._chunks)
 
 
+class _ReachedSites(Exception):
+    """Raised inside a forward pass by :meth:`HookedModel.run_until` once every site has recorded."""
+
+
 class HookedModel:
     """Site discovery, capture and ablation over one ``nn.Module``.
 
@@ -388,24 +392,53 @@ class HookedModel:
         in the autograd graph (for objectives). Values are always copies, so later
         in-place operations in the model cannot change what was recorded.
         """
+        with self._recording(sites, grad, on_record=None) as acts:
+            yield acts
+
+    def run_until(self, forward: Callable[[], Any], sites: str | Iterable[str], *, grad: bool = False) -> Activations:
+        """Call ``forward()`` but stop it as soon as every site of ``sites`` has recorded its activation.
+
+        Returns the activations (as :meth:`capture` records them); the rest of the forward
+        pass, e.g. a tower's later blocks and projection, is never computed. Each site's
+        module must run once per forward pass (true of CLIP towers). Raises ``ValueError``
+        if ``forward()`` finishes without reaching every site.
+        """
+        names = [sites] if isinstance(sites, str) else list(dict.fromkeys(sites))
+        pending = set(names)
+
+        def recorded(name: str) -> None:
+            pending.discard(name)
+            if not pending:
+                raise _ReachedSites
+
+        with self._recording(names, grad, on_record=recorded) as acts:
+            try:
+                forward()
+            except _ReachedSites:
+                return acts
+        raise ValueError(f"the forward pass never reached {sorted(pending)}")
+
+    @contextlib.contextmanager
+    def _recording(self, sites: str | Iterable[str], grad: bool,
+                   on_record: Callable[[str], None] | None) -> Iterator[Activations]:
         names = [sites] if isinstance(sites, str) else list(dict.fromkeys(sites))
         resolved = [self.site(n) for n in names]
         acts = Activations(names)
         handles = []
+
+        def record(site: Site, t: torch.Tensor) -> None:
+            t = site.canonical(t)
+            acts._add(site.name, t.clone() if grad else t.detach().clone())
+            if on_record is not None:
+                on_record(site.name)
+
         for site in resolved:
             module = self._module(site)
-
             if site.point == "output":
-                def hook(_m, _inp, out, site=site):
-                    t = _first_tensor(out)
-                    t = site.canonical(t)
-                    acts._add(site.name, t.clone() if grad else t.detach().clone())
-                handles.append(module.register_forward_hook(hook))
+                handles.append(module.register_forward_hook(
+                    lambda _m, _inp, out, site=site: record(site, _first_tensor(out))))
             else:
-                def pre_hook(_m, inp, site=site):
-                    t = site.canonical(inp[0])
-                    acts._add(site.name, t.clone() if grad else t.detach().clone())
-                handles.append(module.register_forward_pre_hook(pre_hook))
+                handles.append(module.register_forward_pre_hook(lambda _m, inp, site=site: record(site, inp[0])))
         try:
             yield acts
         finally:

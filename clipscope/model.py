@@ -367,6 +367,22 @@ class ClipModel:
         """``with model.capture(sites) as acts:`` records activations of the forward passes inside the block."""
         return self._hooked.capture(sites, grad=grad)
 
+    def activations(self, images: torch.Tensor, sites: str | Iterable[str], *, grad: bool = False) -> Activations:
+        """Run the image tower on a preprocessed ``(B, 3, H, W)`` batch only as far as the deepest of ``sites``.
+
+        Returns their activations as :meth:`capture` records them (detached copies unless
+        ``grad=True``); the tower's later blocks, pooling and projection are skipped, so a
+        unit in a middle block costs only the blocks below it. Ablations in force apply.
+        """
+        names = [sites] if isinstance(sites, str) else list(dict.fromkeys(sites))
+        wrong = [n for n in names if self.site(n).tower != "visual"]
+        if wrong:
+            raise ValueError(f"activations() runs the image tower; {wrong} are not image-tower sites")
+        if not (isinstance(images, torch.Tensor) and images.ndim == 4):
+            raise TypeError("activations() takes a preprocessed (B, 3, H, W) tensor (see model.preprocess)")
+        x = images.to(self.device, self.dtype)
+        return self._hooked.run_until(lambda: self.model.encode_image(x), names, grad=grad)
+
     def ablate(self, units: Unit | Iterable[Unit], value: float | torch.Tensor = 0.0) -> contextlib.AbstractContextManager[None]:
         """``with model.ablate(units):`` sets the units to ``value`` (default 0) inside the block."""
         return self._hooked.ablate(units, value)

@@ -45,6 +45,41 @@ class TestLayers:
             tiny_rn.site("visual.layer4.O")
 
 
+class TestActivationsStopEarly:
+    def test_same_values_as_a_full_pass_and_later_blocks_never_run(self, tiny):
+        blocks = tiny.layers().blocks().names()
+        lower, last = blocks[0], blocks[-1]
+        x = _batch(tiny)
+        with tiny.capture(lower) as full:
+            tiny.encode_image(x)
+        ran = []
+        handle = tiny._hooked._module(tiny.site(last)).register_forward_hook(lambda *_: ran.append(1))
+        try:
+            acts = tiny.activations(x, lower)
+        finally:
+            handle.remove()
+        assert torch.equal(acts[lower], full[lower]) and ran == []
+        # the deepest of several sites decides where the pass stops
+        both = tiny.activations(x, [last, lower])
+        assert torch.equal(both[lower], full[lower]) and both[last].shape == (4, *tiny.site(last).shape)
+
+    def test_gradients_flow_to_the_input_and_ablations_apply(self, tiny):
+        site = tiny.layers().blocks().names()[0]
+        x = _batch(tiny).requires_grad_(True)
+        tiny.read(Unit.channel(site, 1), tiny.activations(x, site, grad=True)).sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+        with tiny.ablate(Unit.channel(site, 1)):
+            assert (tiny.read(Unit.channel(site, 1), tiny.activations(x.detach(), site)) == 0).all()
+
+    def test_bad_calls_say_what_is_wrong(self, tiny_rn):
+        with pytest.raises(ValueError, match="not image-tower sites"):
+            tiny_rn.activations(_batch(tiny_rn), "text.transformer.resblocks.0")
+        with pytest.raises(TypeError, match="preprocessed"):
+            tiny_rn.activations(make_images(2), "visual.layer1")
+        with pytest.raises(ValueError, match="never reached"):
+            tiny_rn._hooked.run_until(lambda: None, "visual.layer1")
+
+
 class TestCapture:
     def test_captured_shapes_match_layers(self, tiny):
         names = [s.name for s in tiny.layers()][:12]

@@ -287,7 +287,7 @@ def test_render_draws_many_units_in_one_batch(tiny):
     units = [Unit.channel(site, c) for c in (0, 3, 5, 7)]
     tiny.layers()  # site discovery runs the tower once, on first use: not part of the count
     calls = []
-    handle = tiny.model.visual.register_forward_hook(lambda *_: calls.append(1))
+    handle = tiny.model.visual.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
         r = rises(tiny, units)
     finally:
@@ -316,6 +316,16 @@ def test_render_is_reproducible_given_the_seed(tiny_vit, kind):
         torch.testing.assert_close(a.images, b.images, atol=1e-3, rtol=0)
         torch.testing.assert_close(a.trace, b.trace, atol=1e-3, rtol=1e-3)
     assert not torch.allclose(a.images, c.images, atol=1e-2)
+
+
+def test_an_objective_reading_the_embedding_must_say_so(tiny):
+    site = spec(tiny)["site"]
+    norm = ov.Objective(lambda ctx: ctx.embedding.norm(dim=-1), "embedding norm", reads_embedding=True)
+    r = render(tiny, norm + ov.channel(site, 0), steps=3)
+    assert r.trace.shape == (3, 1) and torch.isfinite(r.trace).all()
+    undeclared = ov.Objective(lambda ctx: ctx.embedding.norm(dim=-1), "embedding norm") + ov.channel(site, 0)
+    with pytest.raises(RuntimeError, match="reads_embedding=True"):
+        render(tiny, undeclared, steps=1)
 
 
 def test_render_rejects_bad_units(tiny):

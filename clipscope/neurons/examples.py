@@ -519,8 +519,8 @@ def dataset_examples(model, source: Any, sites: str | Iterable[str], *, k: int =
             with torch.no_grad():
                 for x, positions, keys, skipped, consumed in prefetch(_batches(model, source, start, batch_size)):
                     if x is not None:
-                        with model.capture(todo) as acts:   # one batch at a time: nothing else is kept
-                            model.encode_image(x.to(model.device, model.dtype), normalize=False)
+                        # one batch at a time, the tower run only as far as the deepest site mined
+                        acts = model.activations(x, todo)
                         for name in todo:
                             running[name].update(acts[name], positions, keys)
                         del acts

@@ -29,16 +29,26 @@ class Context:
 
     ``acts`` maps each captured site name to its activation in canonical layout
     (with gradients); ``embedding`` is the raw (unnormalized) image embedding
-    ``(B, embed_dim)``; ``image`` is the parameterization's output ``(B, 3, H, W)``
-    in [0, 1], before the robustness transforms.
+    ``(B, embed_dim)``, computed only for objectives that declare ``reads_embedding``;
+    ``image`` is the parameterization's output ``(B, 3, H, W)`` in [0, 1], before the
+    robustness transforms.
     """
 
-    def __init__(self, model, acts: Mapping[str, torch.Tensor], embedding: torch.Tensor, image: torch.Tensor):
+    def __init__(self, model, acts: Mapping[str, torch.Tensor], embedding: torch.Tensor | None,
+                 image: torch.Tensor):
         self.model = model
         self.acts = acts
-        self.embedding = embedding
+        self._embedding = embedding
         self.image = image
-        self._parts: tuple[dict[str, tuple[torch.Tensor, ...]], tuple, tuple] | None = None
+        self._parts: tuple[dict[str, tuple[torch.Tensor, ...]], tuple | None, tuple] | None = None
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        if self._embedding is None:
+            raise RuntimeError("the image embedding was not computed: the forward pass stopped at the deepest site "
+                               "the objective reads. An objective that reads ctx.embedding must say so: "
+                               "Objective(fn, name, reads_embedding=True)")
+        return self._embedding
 
     @property
     def batch(self) -> int:
@@ -56,10 +66,10 @@ class Context:
         """A one-element context holding batch element ``i`` (views; gradients flow back)."""
         if self._parts is None:
             self._parts = ({s: self.acts[s].unbind(0) for s in self.acts},
-                           self.embedding.unbind(0), self.image.unbind(0))
+                           None if self._embedding is None else self._embedding.unbind(0), self.image.unbind(0))
         acts, emb, img = self._parts
         return Context(self.model, {s: parts[i].unsqueeze(0) for s, parts in acts.items()},
-                       emb[i].unsqueeze(0), img[i].unsqueeze(0))
+                       None if emb is None else emb[i].unsqueeze(0), img[i].unsqueeze(0))
 
 
 class Objective:
@@ -72,17 +82,21 @@ class Objective:
     one-element :class:`Context`); batch-level objectives such as
     :func:`diversity` set it to ``False``. ``second_order`` says that ``fn``
     differentiates the forward pass itself (so ``render`` runs attention with
-    PyTorch's twice-differentiable math kernel).
+    PyTorch's twice-differentiable math kernel). ``reads_embedding`` says that ``fn``
+    reads ``ctx.embedding``; without it ``render`` runs the image tower only as far as
+    the deepest site the objective reads (and not at all for image-only penalties).
     """
 
     def __init__(self, fn: Callable[[Context], torch.Tensor], name: str, *, units: Iterable[Unit] = (),
-                 sites: Iterable[str] = (), elementwise: bool = True, second_order: bool = False):
+                 sites: Iterable[str] = (), elementwise: bool = True, second_order: bool = False,
+                 reads_embedding: bool = False):
         self.fn = fn
         self.name = name
         self.units = tuple(units)
         self.extra_sites = tuple(sites)
         self.elementwise = elementwise
         self.second_order = second_order
+        self.reads_embedding = reads_embedding
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -110,7 +124,8 @@ class Objective:
         return Objective(fn, name, units=[u for o in parts for u in o.units],
                          sites=[s for o in parts for s in o.extra_sites],
                          elementwise=all(o.elementwise for o in parts),
-                         second_order=any(o.second_order for o in parts))
+                         second_order=any(o.second_order for o in parts),
+                         reads_embedding=any(o.reads_embedding for o in parts))
 
     def __add__(self, other: Objective | float) -> Objective:
         if isinstance(other, (int, float)):
@@ -202,7 +217,7 @@ def text_direction(model, prompt: str | Sequence[str]) -> Objective:
         target = F.normalize(model.encode_text(prompts).mean(dim=0), dim=-1)
     label = prompts[0] if len(prompts) == 1 else f"{len(prompts)} prompts"
     return Objective(lambda ctx: F.normalize(ctx.embedding, dim=-1) @ target.to(ctx.embedding.device),
-                     f"text_direction({label!r})")
+                     f"text_direction({label!r})", reads_embedding=True)
 
 
 def diversity(site: str) -> Objective:
@@ -243,7 +258,8 @@ def batched(objectives: Sequence[Objective | Unit]) -> Objective:
 
     return Objective(fn, f"batched({len(objs)})", units=[u for o in objs for u in o.units],
                      sites=[s for o in objs for s in o.extra_sites], elementwise=False,
-                     second_order=any(o.second_order for o in objs))
+                     second_order=any(o.second_order for o in objs),
+                     reads_embedding=any(o.reads_embedding for o in objs))
 
 
 # ---------------------------------------------------------------------------------------

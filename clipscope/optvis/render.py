@@ -181,7 +181,8 @@ def render(model, objective_or_units: Objective | Unit | Sequence[Objective | Un
       objective values ``(B,)`` (e.g. to drive a widget's progress bar).
 
     Each step is one forward and one backward pass of the image tower on the whole
-    batch, capturing only the sites the objective reads.
+    batch, capturing only the sites the objective reads; unless the objective reads the
+    image embedding (``text_direction``), the forward pass stops at the deepest of them.
     """
     items = list(objective_or_units) if isinstance(objective_or_units, (list, tuple)) else None
     if items is not None:
@@ -222,8 +223,14 @@ def render(model, objective_or_units: Objective | Unit | Sequence[Objective | Un
             optimizer.zero_grad(set_to_none=True)
             image = image_param()
             redirect = redirected_relus(model.model) if step < redirect_steps else contextlib.nullcontext()
-            with forward_context(), redirect, model.capture(objective.sites, grad=True) as acts:
-                embedding = model.encode_image(pipeline(image, generator=generator), normalize=False)
+            x = pipeline(image, generator=generator)
+            with forward_context(), redirect:
+                if objective.reads_embedding:
+                    with model.capture(objective.sites, grad=True) as acts:
+                        embedding = model.encode_image(x, normalize=False)
+                else:   # the tower runs only as far as the deepest site read (not at all for image-only terms)
+                    acts = model.activations(x, objective.sites, grad=True) if objective.sites else {}
+                    embedding = None
             values = objective(Context(model, acts, embedding, image))
             if values.shape != (n,):
                 raise ValueError(f"objective {objective.name!r} returned shape {tuple(values.shape)}; "
