@@ -342,6 +342,11 @@ class Activations(Mapping[str, torch.Tensor]):
         return len(self._chunks)
 
 
+def site_names(sites: str | Iterable[str]) -> list[str]:
+    """One site name or several, as a list without repeats (first-use order)."""
+    return [sites] if isinstance(sites, str) else list(dict.fromkeys(sites))
+
+
 class _ReachedSites(Exception):
     """Raised inside a forward pass by :meth:`HookedModel.run_until` once every site has recorded."""
 
@@ -401,10 +406,13 @@ class HookedModel:
         Returns the activations (as :meth:`capture` records them); the rest of the forward
         pass, e.g. a tower's later blocks and projection, is never computed. Each site's
         module must run once per forward pass (true of CLIP towers). Raises ``ValueError``
-        if ``forward()`` finishes without reaching every site.
+        if ``forward()`` finishes without reaching every site. With no sites, ``forward()`` is
+        not called at all.
         """
-        names = [sites] if isinstance(sites, str) else list(dict.fromkeys(sites))
+        names = site_names(sites)
         pending = set(names)
+        if not pending:
+            return Activations([])
 
         def recorded(name: str) -> None:
             pending.discard(name)
@@ -421,7 +429,7 @@ class HookedModel:
     @contextlib.contextmanager
     def _recording(self, sites: str | Iterable[str], grad: bool,
                    on_record: Callable[[str], None] | None) -> Iterator[Activations]:
-        names = [sites] if isinstance(sites, str) else list(dict.fromkeys(sites))
+        names = site_names(sites)
         resolved = [self.site(n) for n in names]
         acts = Activations(names)
         handles = []

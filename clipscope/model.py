@@ -31,7 +31,7 @@ from torch import nn
 
 from . import hub, prompts
 from .data import EmbeddedImages, ImageLoadError, iter_images, source_length
-from .hooks import Activations, HookedModel, Site, Tower, Unit
+from .hooks import Activations, HookedModel, Site, Tower, Unit, site_names
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _CONFIG_DIR = _PACKAGE_DIR / "model_configs"
@@ -374,7 +374,7 @@ class ClipModel:
         ``grad=True``); the tower's later blocks, pooling and projection are skipped, so a
         unit in a middle block costs only the blocks below it. Ablations in force apply.
         """
-        names = [sites] if isinstance(sites, str) else list(dict.fromkeys(sites))
+        names = site_names(sites)
         wrong = [n for n in names if self.site(n).tower != "visual"]
         if wrong:
             raise ValueError(f"activations() runs the image tower; {wrong} are not image-tower sites")

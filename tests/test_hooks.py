@@ -79,6 +79,10 @@ class TestActivationsStopEarly:
         with pytest.raises(ValueError, match="never reached"):
             tiny_rn._hooked.run_until(lambda: None, "visual.layer1")
 
+    def test_no_sites_means_no_forward_pass(self, tiny_rn):
+        called = []
+        assert len(tiny_rn._hooked.run_until(lambda: called.append(1), [])) == 0 and called == []
+
 
 class TestCapture:
     def test_captured_shapes_match_layers(self, tiny):

@@ -34,7 +34,7 @@ from PIL import Image
 
 from ..data import (ImageLoadError, iter_images, list_image_files, load_image, prefetch, source_fingerprint,
                     source_length)
-from ..hooks import feature_last
+from ..hooks import feature_last, site_names
 from ..io import write_bytes_atomic
 
 CACHE_VERSION = 1
@@ -477,7 +477,7 @@ def dataset_examples(model, source: Any, sites: str | Iterable[str], *, k: int =
     """
     if k < 1:
         raise ValueError("k must be at least 1")
-    names = [sites] if isinstance(sites, str) else list(dict.fromkeys(sites))
+    names = site_names(sites)
     if not names:
         raise ValueError("give at least one site")
     for name in names:

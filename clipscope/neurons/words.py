@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..hooks import Unit, unit_means
+from ..hooks import Unit, site_names, unit_means
 
 #: Common English suffixes / word-final fragments. Word-final BPE tokens include these
 #: ("ing</w>", "tion</w>"), which are not words on their own, so they are dropped.
@@ -186,10 +186,10 @@ def word_responses(model, sites: str | Sequence[str], words: Sequence[str] | Non
     the image's shorter side, shrunk to fit), each at a seeded position near the centre.
     Images are the model's input size, black text on white.
     """
-    site_names = [sites] if isinstance(sites, str) else list(dict.fromkeys(sites))
-    if not site_names:
+    names = site_names(sites)
+    if not names:
         raise ValueError("sites must name at least one site (see model.layers())")
-    resolved = [model.site(s) for s in site_names]  # unknown names raise with close matches
+    resolved = [model.site(s) for s in names]  # unknown names raise with close matches
     bad = [s.name for s in resolved if s.tower != "visual"]
     if bad:
         raise ValueError(f"word_responses scans image-tower sites; {bad} belong to the text tower")
@@ -218,7 +218,7 @@ def word_responses(model, sites: str | Sequence[str], words: Sequence[str] | Non
         chunk = words[start:start + per_batch]
         images = [img for w in chunk for img in
                   render_word_variants(w, n_variants, image_size, fonts=fonts, sizes=sizes, seed=seed)]
-        with torch.no_grad(), model.capture(site_names) as acts:
+        with torch.no_grad(), model.capture(names) as acts:
             model.encode_image(images, batch_size=len(images), progress=False)
         for s in resolved:
             means = unit_means(acts[s.name], s.layout).double().cpu()

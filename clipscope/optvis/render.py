@@ -229,8 +229,7 @@ def render(model, objective_or_units: Objective | Unit | Sequence[Objective | Un
                     with model.capture(objective.sites, grad=True) as acts:
                         embedding = model.encode_image(x, normalize=False)
                 else:   # the tower runs only as far as the deepest site read (not at all for image-only terms)
-                    acts = model.activations(x, objective.sites, grad=True) if objective.sites else {}
-                    embedding = None
+                    acts, embedding = model.activations(x, objective.sites, grad=True), None
             values = objective(Context(model, acts, embedding, image))
             if values.shape != (n,):
                 raise ValueError(f"objective {objective.name!r} returned shape {tuple(values.shape)}; "
