@@ -17,7 +17,9 @@ Kinds (the ``kind`` of a spec's ``data`` section):
     organism's groups, a ``child_rate`` share drawn as children, seeded.
 
 Rows that cannot be audited are skipped, counted and reported (never dropped silently): a missing
-image file, or a missing value in a group column. Unreadable images are found while encoding (see
+image file (or file name), a file name that points outside the data set's folder (``..``, an absolute
+path, a symlink leading out; reason ``outside the data set: ...``, the file is never read), or a
+missing value in a group column. Unreadable images are found while encoding (see
 :mod:`clipscope.audit.cache`). Missing label values only remove the row from that accuracy metric.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +35,8 @@ from typing import Any
 
 import pandas as pd
 
+from ..data import NO_SUCH_FILE, DataPathError, image_file_problem, resolve_inside
+from ..io import safe_text
 from .spec import DataSpec, expand_path
 
 KEY, ROW = "_key", "_row"
@@ -109,29 +114,75 @@ def _files_layout(kind: str, root: Path, table: pd.DataFrame, file_col: str, spe
     if file_col not in table.columns:
         raise ValueError(f"the {kind} metadata has no {file_col!r} column; columns: {list(table.columns)}")
     table = table.reset_index(drop=True)
-    frame = table.drop(columns=[file_col]).copy()
+    names = table[file_col].tolist()  # as read: undecodable bytes stay surrogate escapes, so files open
+    frame = _as_text(table.drop(columns=[file_col]))
     frame.insert(0, ROW, range(len(table)))
-    frame.insert(0, KEY, table[file_col].astype(str).values)
-    paths = [root / f for f in frame[KEY]]
-    stats, pre_skipped, ok = [], [], []
-    for i, p in enumerate(paths):
-        try:
-            st = p.stat()
-            stats.append((str(frame[KEY].iat[i]), st.st_size, st.st_mtime_ns))
-            ok.append(True)
-        except OSError:
-            stats.append((str(frame[KEY].iat[i]), None, None))
-            rec = {KEY: frame[KEY].iat[i], ROW: i, "reason": "missing image file"}
+    frame.insert(0, KEY, [safe_text(n) if isinstance(n, str) else str(n) for n in names])
+    paths: list[Path | None] = []
+    stats, pre_skipped = [], []
+    for i, name in enumerate(names):
+        path, reason, st = _locate(root, name)
+        paths.append(path)
+        stats.append((str(frame[KEY].iat[i]), st and st.st_size, st and st.st_mtime_ns))
+        if reason is not None:
+            rec = {KEY: frame[KEY].iat[i], ROW: i, "reason": reason}
             rec.update({g: frame[g].iat[i] if g in frame.columns else None for g in spec.group_columns})
             pre_skipped.append(rec)
-            ok.append(False)
-    frame = frame[ok].reset_index(drop=True)
+    frame = frame[[p is not None for p in paths]].reset_index(drop=True)
     fingerprint = _sha(kind, str(root.resolve()), extra_fp, stats)
 
     def fetch(rows: list[int]) -> list[Any]:
         return [str(paths[r]) for r in rows]
 
     return _finish(kind, frame, fetch, fingerprint, spec, provenance, pre_skipped)
+
+
+def _locate(root: Path, name: Any) -> tuple[Path | None, str | None, os.stat_result | None]:
+    """``(real path, None, stat)`` for a usable entry of a file column, ``(None, reason, None)`` otherwise.
+
+    Entries outside ``root`` (``..``, absolute names, escaping symlinks) are refused unread.
+    """
+    try:
+        path = resolve_inside(root, name)
+    except DataPathError as exc:
+        return None, exc.reason, None
+    problem = image_file_problem(root / name)
+    if problem is not None:
+        return None, "missing image file" if problem == NO_SUCH_FILE else problem, None
+    return path, None, path.stat()
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """A metadata CSV as Python strings (empty cells NaN); bytes that are not UTF-8 survive as surrogate
+    escapes (object columns: pandas' own string columns cannot hold them)."""
+    return pd.read_csv(path, dtype=object, keep_default_na=False, na_values=[""], encoding_errors="surrogateescape")
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    """A JSON-lines metadata file (one object per line) as a table of Python values, like :func:`_read_csv`.
+
+    Raises ValueError naming the first line that is not a JSON object.
+    """
+    records = []
+    for n, line in enumerate(path.read_bytes().decode("utf-8", "surrogateescape").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{safe_text(str(path))} line {n} is not valid JSON ({exc})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{safe_text(str(path))} line {n} is not a JSON object; got {type(record).__name__}")
+        records.append(record)
+    return pd.DataFrame(records, dtype=object)
+
+
+def _as_text(table: pd.DataFrame) -> pd.DataFrame:
+    """Every present cell as printable text (:func:`~clipscope.io.safe_text`); missing cells unchanged."""
+    table = table.copy()
+    for c in table.columns:
+        table[c] = table[c].map(lambda v: v if _missing(v) else safe_text(str(v)))
+    return table
 
 
 def load_fairface(spec: DataSpec) -> AuditData:
@@ -148,7 +199,7 @@ def load_fairface(spec: DataSpec) -> AuditData:
         have = sorted(p.name for p in root.glob("fairface_label_*.csv"))
         raise FileNotFoundError(f"no {csv.name} in {str(root)!r}; found: {have or 'no label files'}")
     raw = csv.read_bytes()
-    table = pd.read_csv(csv, dtype=str, keep_default_na=False, na_values=[""])
+    table = _read_csv(csv)
     provenance = {"path": str(root), "split": split, "labels_file": csv.name, "padding": spec.padding,
                   "source": "FairFace (Kärkkäinen & Joo, 2021)"}
     return _files_layout("fairface", root, table, "file", spec, (split, hashlib.sha256(raw).hexdigest()), provenance)
@@ -161,11 +212,10 @@ def load_imagefolder(spec: DataSpec) -> AuditData:
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
     meta_csv, meta_jsonl = root / "metadata.csv", root / "metadata.jsonl"
     if meta_csv.is_file():
-        meta, table = meta_csv, pd.read_csv(meta_csv, dtype=str, keep_default_na=False, na_values=[""])
+        meta, table = meta_csv, _read_csv(meta_csv)
     elif meta_jsonl.is_file():
         meta = meta_jsonl
-        table = pd.read_json(meta_jsonl, lines=True, dtype=False)
-        table = table.apply(lambda col: col.map(lambda v: v if _missing(v) else str(v)))
+        table = _read_jsonl(meta_jsonl)
     else:
         raise FileNotFoundError(f"no metadata.csv or metadata.jsonl in {str(root)!r} "
                                 "(one row per image: a file_name column plus the group columns)")

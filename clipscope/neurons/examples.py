@@ -381,9 +381,9 @@ def _iter_from(source: Any, start: int):
             yield pos, key, item
         return
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
-        from ..data import _load_or_error
+        from ..data import load_image_or_error
         for pos, path in enumerate(list_image_files(source)[start:], start):
-            yield pos, str(path), _load_or_error(path)
+            yield pos, str(path), load_image_or_error(path)
         return
     if isinstance(source, (list, tuple)) or (isinstance(source, torch.Tensor) and source.ndim == 4):
         for pos, (key, item) in enumerate(iter_images(source[start:]), start):

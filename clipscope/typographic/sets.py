@@ -11,7 +11,10 @@ Layouts read (fixtures in the tests are generated in each layout):
   file name to ``{"true object": ..., "typographic attack label": ...}``.
 
 Each loader returns a :class:`TypographicSet`; entries whose name or annotation is
-malformed, or whose file is missing, are skipped and listed, never silently dropped.
+malformed, whose file is missing or unreadable (a dangling symlink, a symlink loop), or whose
+file lies outside the set's folder (``..``, an absolute name, a symlink leading out; reason
+``outside the data set: ...``) are skipped and listed, never silently dropped and never read.
+File names that are not valid UTF-8 are kept as Python's surrogate escapes, so they still open.
 """
 from __future__ import annotations
 
@@ -22,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data import IMAGE_SUFFIXES, list_image_files
-from ..io import write_bytes_atomic, write_text_atomic
+from ..data import (IMAGE_SUFFIXES, NO_SUCH_FILE, DataPathError, display_path, image_file_problem,
+                    list_image_files, resolve_inside)
+from ..io import ensure_folder, safe_text, write_bytes_atomic, write_text_atomic
 from .attack import Attack, generate
 
 _LABEL_TEXT = re.compile(r"^label=(?P<label>.+?)_text=(?P<text>.+?)(?:__\d+)?$")
@@ -35,7 +39,8 @@ class TypographicSet:
 
     ``frame`` has columns ``image`` (a path or an image object), ``label``,
     ``text`` (``None`` where no attack is present) and ``attacked`` (bool), plus
-    any layout-specific columns; ``skipped`` lists ``(entry, reason)``.
+    any layout-specific columns; ``skipped`` lists ``(entry, reason)``. Names in ``skipped`` and text
+    columns are printable (undecodable bytes shown as ``\\xNN``); ``image`` paths are exact.
     """
 
     name: str
@@ -61,7 +66,7 @@ class TypographicSet:
         classes = list(classes or self.classes)
         result = model.zero_shot(list(self.frame["image"]), classes, templates=templates, batch_size=batch_size,
                                  progress=progress)
-        frame = self.frame.iloc[list(result.keys)].copy()
+        frame = self.frame.iloc[list(result.positions)].copy()
         frame["prediction"] = result.predictions
         frame["correct"] = frame["prediction"] == frame["label"]
         frame["fooled"] = [t is not None and p == t for p, t in zip(frame["prediction"], frame["text"])]
@@ -73,11 +78,29 @@ class TypographicSet:
 
 
 def _frame(rows: list[dict]):
+    """The set's table from row dicts: ``image`` kept as given, in an object column (a path may hold
+    undecodable bytes as surrogate escapes, which pandas' string columns refuse, and must still open);
+    other text made printable (:func:`~clipscope.io.safe_text`); ``text`` None, not NaN, where none was written."""
     import pandas as pd
-    frame = pd.DataFrame(rows, columns=list(rows[0]) if rows else ["image", "label", "text", "attacked"])
+    columns = [c for c in (list(rows[0]) if rows else ["image", "label", "text", "attacked"]) if c != "image"]
+    frame = pd.DataFrame([{c: safe_text(r[c]) if isinstance(r[c], str) else r[c] for c in columns} for r in rows],
+                         columns=columns)
+    frame.insert(0, "image", pd.Series([r["image"] for r in rows], dtype=object))
     frame["text"] = pd.Series([t if isinstance(t, str) and t else None for t in frame["text"]], dtype=object,
-                              index=frame.index)  # None, not NaN, where no text was written
+                              index=frame.index)
     return frame
+
+
+def _entry(folder: Path, name: Any) -> tuple[Path | None, str | None]:
+    """``(real path, None)`` for a usable file ``name`` of the set in ``folder``, ``(None, reason)`` otherwise."""
+    try:
+        path = resolve_inside(folder, name)
+    except DataPathError as exc:
+        return None, exc.reason
+    problem = image_file_problem(folder / name)
+    if problem is not None:
+        return None, "file is missing" if problem == NO_SUCH_FILE else problem
+    return path, None
 
 
 def load_label_text_folder(folder: str | Path, name: str = "label_text") -> TypographicSet:
@@ -85,8 +108,11 @@ def load_label_text_folder(folder: str | Path, name: str = "label_text") -> Typo
     rows, skipped = [], []
     for path in list_image_files(folder):
         match = _LABEL_TEXT.match(path.stem)
-        if not match:
-            skipped.append((str(path), "file name does not follow label=<class>_text=<text>"))
+        _, reason = _entry(Path(folder), path.relative_to(folder))
+        if reason is None and not match:
+            reason = "file name does not follow label=<class>_text=<text>"
+        if reason is not None:
+            skipped.append((display_path(path), reason))
             continue
         label = match["label"].replace("_", " ").strip()
         text = match["text"].replace("_", " ").strip()
@@ -123,18 +149,18 @@ def load_scam(source: Any, variants: Sequence[str] = ("SCAM", "SynthSCAM", "NoSC
     if not meta.is_file():
         raise FileNotFoundError(f"no metadata.csv in {str(folder)!r} (expected columns file_name, type, "
                                 "object_label, attack_word)")
-    table = pd.read_csv(meta, dtype=str, keep_default_na=False)
+    table = pd.read_csv(meta, dtype=object, keep_default_na=False, encoding_errors="surrogateescape")
     missing_cols = {"file_name", "type", "object_label", "attack_word"} - set(table.columns)
     if missing_cols:
         raise ValueError(f"metadata.csv lacks column(s) {sorted(missing_cols)}")
     for rec in table.to_dict("records"):
         if rec["type"] not in variants:
             continue
-        path = folder / rec["file_name"]
-        if not path.is_file():
-            skipped.append((rec["file_name"], "file is missing"))
+        path, reason = _entry(folder, rec["file_name"])
+        if reason is not None:
+            skipped.append((safe_text(rec["file_name"]), reason))
         elif not rec["object_label"]:
-            skipped.append((rec["file_name"], "missing object_label"))
+            skipped.append((safe_text(rec["file_name"]), "missing object_label"))
         else:
             rows.append({"image": str(path), "label": rec["object_label"], "text": rec["attack_word"] or None,
                          "attacked": rec["type"] != "NoSCAM", "variant": rec["type"]})
@@ -148,21 +174,27 @@ def load_materzynska(folder: str | Path, annotation: str = "annotation.json") ->
     if not path.is_file():
         raise FileNotFoundError(f"no {annotation} in {str(folder)!r}")
     try:
-        entries = json.loads(path.read_text())
+        entries = json.loads(path.read_bytes().decode("utf-8", "surrogateescape"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    rows, skipped = [], []
     if isinstance(entries, list):  # "a list of files": one {file: {...}} object per item
         merged: dict = {}
-        for item in entries:
-            merged.update(item)
+        for i, item in enumerate(entries):
+            if isinstance(item, dict):
+                merged.update(item)
+            else:
+                skipped.append((f"item {i}", "annotation item is not a {file: {...}} object"))
         entries = merged
-    rows, skipped = [], []
+    if not isinstance(entries, dict):
+        raise ValueError(f"{path} must hold an object or a list of objects (file -> annotation); "
+                         f"got a JSON {type(entries).__name__}")
     for file_name, info in entries.items():
-        image = folder / file_name
+        image, reason = _entry(folder, file_name)
         if not isinstance(info, dict) or not info.get("true object"):
-            skipped.append((file_name, "annotation lacks 'true object'"))
-        elif not image.is_file():
-            skipped.append((file_name, "file is missing"))
+            skipped.append((safe_text(file_name), "annotation lacks 'true object'"))
+        elif reason is not None:
+            skipped.append((safe_text(file_name), reason))
         else:
             text = info.get("typographic attack label") or None
             rows.append({"image": str(image), "label": info["true object"], "text": text, "attacked": text is not None})
@@ -183,7 +215,7 @@ def export_attack_set(folder: str | Path, images: Any, labels: Sequence[str | No
     if fmt.lower() not in {s.lstrip(".") for s in IMAGE_SUFFIXES}:
         raise ValueError(f"unknown image format {fmt!r}")
     folder = Path(folder)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
+    ensure_folder(folder / "images")
     rows, skipped = [], []
     for item in generate(attack, images, labels, classes, seed=seed, skipped=skipped):
         label = (item.label or "unknown").replace("/", "-")
