@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from pathlib import Path
 
 import torch
@@ -63,32 +62,87 @@ def _preprocess_from_config(path: str):
     return T.Compose(steps), crop_hw, mean, std
 
 
+def _model_folder(name: str) -> Path:
+    """Return the folder holding the files of ``"hf:ORG/REPO"`` (from the hub cache) or ``"hf:/local/folder"``.
+
+    Raises :class:`~clipscope.hub.CheckpointError` for a local path that is not a folder.
+    """
+    repo = os.path.expanduser(name[len("hf:"):])
+    if os.path.isdir(repo):
+        return Path(repo)
+    if repo.startswith((".", "/", "\\")) or repo.count("/") > 1 or os.path.isabs(repo):
+        raise hub.CheckpointError(f"Cannot load {repo!r}: no such folder (a transformers CLIP folder, or a hub "
+                                  "id 'ORG/REPO').")
+    files = hub.ensure_files(name, repo, REQUIRED_FILES, OPTIONAL_FILES)
+    return Path(files["config.json"]).parent
+
+
+def _check_folder(folder: Path) -> None:
+    """Raise :class:`~clipscope.hub.CheckpointError` unless ``folder`` holds every required file, with
+    readable JSON configs."""
+    missing = [" or ".join(group) for group in REQUIRED_FILES if not any((folder / f).is_file() for f in group)]
+    if missing:
+        raise hub.CheckpointError(f"Cannot load {str(folder)!r}: the folder has no {'; no '.join(missing)} "
+                                  "(a transformers CLIP folder needs all of them).")
+    for config in ("config.json", "preprocessor_config.json"):
+        path = folder / config
+        try:
+            ok = isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+        except (ValueError, OSError) as exc:
+            raise hub.CheckpointError(f"Cannot load {str(path)!r}: not valid JSON ({hub.describe_error(exc)}).") \
+                from None
+        if not ok:
+            raise hub.CheckpointError(f"Cannot load {str(path)!r}: it does not hold a JSON object.")
+
+
+def _load_clip(folder: Path) -> nn.Module:
+    """Return the ``CLIPModel`` in ``folder``, every tensor loaded from its weights file.
+
+    Raises :class:`~clipscope.hub.UnsafeCheckpointError` for a pickle that needs code and
+    :class:`~clipscope.hub.CheckpointError` for a malformed file or tensors missing or of the wrong shape
+    (transformers would initialise those randomly).
+    """
+    from transformers import CLIPModel
+    from transformers.utils import logging as hf_logging
+    has_safetensors = (folder / "model.safetensors").is_file()
+    weights = str(folder / ("model.safetensors" if has_safetensors else "pytorch_model.bin"))
+    target = "the CLIPModel its config.json describes"
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report is summarized in our error instead
+    try:
+        clip, info = CLIPModel.from_pretrained(folder, use_safetensors=has_safetensors, output_loading_info=True,
+                                               ignore_mismatched_sizes=True)
+    except Exception as exc:  # transformers, torch and safetensors raise many types for a bad file
+        raise hub.checkpoint_error(exc, weights, target) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    found = {key: tuple(file_shape) for key, file_shape, _ in info["mismatched_keys"]}
+    expected = {key: tuple(model_shape) for key, _, model_shape in info["mismatched_keys"]}
+    expected.update({key: () for key in info["missing_keys"]})
+    if expected:
+        raise hub.CheckpointError(f"Cannot load {weights!r}: its tensors do not fit {target} "
+                                  f"({hub.shape_differences(found, expected)}).")
+    return clip
+
+
 def load_transformers(name: str, device: torch.device, dtype: torch.dtype):
     """Load ``"hf:ORG/REPO"`` (or ``"hf:/local/folder"``) as a :class:`~clipscope.model.ClipModel`."""
     try:
-        from transformers import AutoTokenizer, CLIPModel
+        from transformers import AutoTokenizer
     except ImportError:
         raise ImportError("'hf:' models need transformers: pip install 'clipscope-toolkit[hf]'") from None
     from .model import ClipModel
 
-    repo = name[len("hf:"):]
-    if os.path.isdir(repo):
-        folder = repo
-    else:
-        files = hub.ensure_files(name, repo, REQUIRED_FILES, OPTIONAL_FILES)
-        folder = os.path.dirname(files["config.json"])
-    has_safetensors = (Path(folder) / "model.safetensors").is_file()
+    folder = _model_folder(name)
+    _check_folder(folder)
+    clip = _load_clip(folder)
     try:
-        clip = CLIPModel.from_pretrained(folder, use_safetensors=has_safetensors)
-    except pickle.UnpicklingError as exc:
-        raise hub.refuse_unsafe(exc, str(Path(folder) / "pytorch_model.bin")) from None
-    except OSError as exc:
-        if "Weights only load failed" in str(exc):
-            raise hub.refuse_unsafe(exc, str(Path(folder) / "pytorch_model.bin")) from None
-        raise
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # transformers raises many types for unreadable tokenizer files
+        raise hub.CheckpointError(f"Cannot load the tokenizer files in {str(folder)!r}: "
+                                  f"{hub.describe_error(exc)}.") from None
     context = clip.config.text_config.max_position_embeddings
-    preprocess, size, mean, std = _preprocess_from_config(str(Path(folder) / "preprocessor_config.json"))
+    preprocess, size, mean, std = _preprocess_from_config(str(folder / "preprocessor_config.json"))
     model = TransformersCLIP(clip).to(device, dtype)
 
     def tokenize(texts):

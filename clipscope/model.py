@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -30,36 +29,68 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import hub, prompts
-from .data import EmbeddedImages, ImageLoadError, iter_images, source_length
+from .data import EmbeddedImages, ImageLoadError, iter_images, list_image_files, source_length
 from .hooks import Activations, HookedModel, Site, Tower, Unit, site_names
+from .validate import InvalidArgumentError, check_choice, check_int, check_names
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _CONFIG_DIR = _PACKAGE_DIR / "model_configs"
 _ORGANISM_DIR = _PACKAGE_DIR / "organism"
 ORGANISM_ARCH = "clipscope-organism"
+_LOCAL_DIR = "local-dir:"
 
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+#: Device names :func:`load` accepts: auto, cpu, mps, cuda or cuda:N.
+_DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+_DEVICE_CHOICES = "'auto', 'cpu', 'cuda', 'cuda:N' (N a GPU index) or 'mps'"
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """Return the device for ``device``; ``"auto"`` picks cuda, then mps, then cpu."""
-    if str(device) != "auto":
-        return torch.device(device)
+    """Return the device for ``device``; ``"auto"`` picks cuda, then mps, then cpu.
+
+    Raises :class:`~clipscope.validate.InvalidArgumentError` naming ``device`` for any other name,
+    and for a device this machine does not have.
+    """
+    name = str(device) if isinstance(device, torch.device) else device
+    if not isinstance(name, str) or not _DEVICE_NAME.fullmatch(name):
+        raise InvalidArgumentError("device", device, f"one of {_DEVICE_CHOICES}")
+    if name != "auto":
+        _check_available(torch.device(name), device)
+        return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
 
 
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def _check_available(dev: torch.device, asked: Any) -> None:
+    """Raise :class:`~clipscope.validate.InvalidArgumentError` if this machine lacks ``dev``."""
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError("device", asked, "CUDA is not available on this machine "
+                                                    "(torch.cuda.is_available() is False); use 'auto' or 'cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InvalidArgumentError("device", asked, f"this machine has {torch.cuda.device_count()} CUDA "
+                                                    f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "mps" and not _mps_available():
+        raise InvalidArgumentError("device", asked, "MPS is not available on this machine; use 'auto' or 'cpu'")
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """Return the dtype for ``precision`` (fp32, fp16, bf16); ``"auto"`` is fp16 on cuda, else fp32."""
+    """Return the dtype for ``precision`` (fp32, fp16, bf16); ``"auto"`` is fp16 on cuda, else fp32.
+
+    Raises :class:`~clipscope.validate.InvalidArgumentError` naming ``precision`` for any other value.
+    """
+    check_choice("precision", precision, ["auto", *_PRECISIONS])
     if precision == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    try:
-        return _PRECISIONS[precision]
-    except KeyError:
-        raise ValueError(f"Unknown precision {precision!r}; valid: 'auto', {', '.join(map(repr, _PRECISIONS))}") from None
+    return _PRECISIONS[precision]
 
 
 def _register_configs() -> None:
@@ -77,8 +108,10 @@ class ZeroShotResult:
     """Zero-shot class probabilities for a set of images.
 
     ``probs`` is a float32 ``(n_images, n_classes)`` tensor whose rows sum to 1;
-    ``keys[i]`` identifies image ``i`` (its position or path); ``skipped`` lists
-    ``(key, reason)`` for images that could not be read.
+    ``keys[i]`` identifies row ``i``: the image's path for path inputs (a file, a
+    folder's files, a list of paths), its position in the input otherwise;
+    ``positions[i]`` is row ``i``'s position in the input (in a folder: in its sorted
+    file list). ``skipped`` lists ``(key, reason)`` for images that could not be read.
     """
 
     probs: torch.Tensor
@@ -86,6 +119,7 @@ class ZeroShotResult:
     templates: tuple[str, ...]
     keys: list[Any] = field(default_factory=list)
     skipped: list[tuple[Any, str]] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
 
     @property
     def top1(self) -> torch.Tensor:
@@ -98,17 +132,18 @@ class ZeroShotResult:
         return [self.classes[i] for i in self.top1.tolist()]
 
     def to_frame(self):
-        """Return a DataFrame: one row per image, a ``prediction`` column and one probability column per class."""
+        """Return a DataFrame: one row per image, indexed by its key (see the class docstring), with a
+        ``prediction`` column and one probability column per class."""
         import pandas as pd
         frame = pd.DataFrame(self.probs.numpy(), columns=self.classes)
         frame.insert(0, "prediction", self.predictions)
-        frame.index = pd.Index(self.keys or range(len(frame)), name="image")
+        frame.index = pd.Index(list(self.keys) if self.keys else range(len(frame)), name="image", dtype=object)
         return frame
 
     def plot(self, max_images: int = 8, ax=None):
         """Bar chart of the class probabilities of the first ``max_images`` images; returns the figure."""
         import matplotlib.pyplot as plt
-        n = min(max_images, len(self.probs))
+        n = min(check_int("max_images", max_images, low=1), len(self.probs))
         if ax is None:
             fig, axes = plt.subplots(1, max(n, 1), figsize=(2.4 * max(n, 1), 0.3 * len(self.classes) + 1.2),
                                      sharey=True, squeeze=False)
@@ -218,8 +253,7 @@ class ClipModel:
     # -- text ---------------------------------------------------------------------------
     def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
         """Return token ids, shape ``(n_texts, context_length)``, on the model's device."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        return self._tokenizer(texts).to(self.device)
+        return self._tokenizer(_check_texts(texts)).to(self.device)
 
     def encode_text(self, texts: str | Sequence[str] | torch.Tensor, *, normalize: bool = True,
                     batch_size: int = 256, progress: bool | None = None) -> torch.Tensor:
@@ -230,6 +264,7 @@ class ClipModel:
         ids from :meth:`tokenize` (the result is on the device the ids were on).
         Unit-normalized when ``normalize`` (the default).
         """
+        batch_size = check_int("batch_size", batch_size, low=1)
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
         chunks = []
         for start in _progress(range(0, len(tokens), batch_size), progress, len(tokens) > batch_size,
@@ -261,6 +296,7 @@ class ClipModel:
           unreadable, :class:`~clipscope.data.ImageLoadError` lists every bad one
           (use :meth:`embed` to skip them instead).
         """
+        batch_size = check_int("batch_size", batch_size, low=1)
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             out = self.model.encode_image(images.to(self.device, self.dtype)).float()
             out = F.normalize(out, dim=-1) if normalize else out
@@ -278,6 +314,7 @@ class ClipModel:
         Returns :class:`~clipscope.data.EmbeddedImages` (float32 CPU embeddings,
         the key of each row, and the skipped ``(key, reason)`` pairs).
         """
+        batch_size = check_int("batch_size", batch_size, low=1)
         total = source_length(source)
         keys, chunks, skipped, batch, batch_keys = [], [], [], [], []
 
@@ -315,11 +352,15 @@ class ClipModel:
         """Return unit-norm class embeddings, float32 ``(n_classes, embed_dim)`` on the CPU, one prompt
         ensemble per class.
 
-        Cached by (model, classes, templates); the cache is bypassed while an
-        ablation touches the text tower.
+        ``classes`` must be unique, non-empty strings and ``templates`` valid (see
+        :func:`~clipscope.prompts.resolve_templates`); otherwise
+        :class:`~clipscope.validate.InvalidArgumentError` names the parameter. Cached by (model, classes,
+        templates); the cache is bypassed while an ablation touches the text tower.
         """
-        classes = _check_classes(classes)
-        templates = prompts.resolve_templates(templates, self.default_templates)
+        classes = check_names("classes", classes)
+        return self._class_embeddings(classes, prompts.resolve_templates(templates, self.default_templates))
+
+    def _class_embeddings(self, classes: list[str], templates: tuple[str, ...]) -> torch.Tensor:
         key = (self.id, tuple(classes), templates)
         cacheable = "text" not in self._hooked.ablated_towers
         if cacheable and key in self._class_cache:
@@ -339,10 +380,14 @@ class ClipModel:
         Probabilities are ``softmax(logit_scale * cos(image, class))`` with each
         class embedded as the mean of its normalized prompt embeddings
         (``templates``: a list, a set name such as ``"openai_imagenet"``, or
-        ``None`` for the model's default). Unreadable images are skipped and
-        listed in the result.
+        ``None`` for the model's default). Rows are keyed by the image's path for
+        path inputs, by position otherwise. Unreadable images are skipped, listed in
+        the result's ``skipped`` and reported in one :class:`UserWarning`.
         """
-        class_emb = self.class_embeddings(classes, templates)
+        classes = check_names("classes", classes)
+        templates = prompts.resolve_templates(templates, self.default_templates)
+        batch_size = check_int("batch_size", batch_size, low=1)
+        class_emb = self._class_embeddings(classes, templates)
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             with torch.no_grad():
                 img = self.encode_image(images).cpu()
@@ -351,8 +396,11 @@ class ClipModel:
             embedded = self.embed(images, batch_size=batch_size, progress=progress)
             img, keys, skipped = embedded.embeddings, embedded.keys, embedded.skipped
         logits = self.logit_scale * img @ class_emb.cpu().T
-        return ZeroShotResult(logits.softmax(dim=-1), list(classes),
-                              prompts.resolve_templates(templates, self.default_templates), keys, skipped)
+        skipped = [(_path_key(images, k), reason) for k, reason in skipped]
+        if skipped:
+            _warn_skipped(skipped, len(keys) + len(skipped))
+        return ZeroShotResult(logits.softmax(dim=-1), classes, templates, [_path_key(images, k) for k in keys],
+                              skipped, _positions(images, keys))
 
     # -- hooks --------------------------------------------------------------------------
     def layers(self) -> Layers:
@@ -377,7 +425,8 @@ class ClipModel:
         names = site_names(sites)
         wrong = [n for n in names if self.site(n).tower != "visual"]
         if wrong:
-            raise ValueError(f"activations() runs the image tower; {wrong} are not image-tower sites")
+            raise InvalidArgumentError("sites", wrong, "sites of the image tower, which activations() runs; "
+                                                       "these are not image-tower sites")
         if not (isinstance(images, torch.Tensor) and images.ndim == 4):
             raise TypeError("activations() takes a preprocessed (B, 3, H, W) tensor (see model.preprocess)")
         x = images.to(self.device, self.dtype)
@@ -395,16 +444,43 @@ class ClipModel:
         return unit.read(tensor, site.layout)
 
 
-def _check_classes(classes: Sequence[str]) -> list[str]:
-    if isinstance(classes, str):
-        raise TypeError("classes must be a list of class names, not one string")
-    classes = list(classes)
-    if not classes:
-        raise ValueError("classes must not be empty")
-    dupes = sorted({c for c in classes if classes.count(c) > 1})
-    if dupes:
-        raise ValueError(f"duplicate class names: {dupes}")
-    return classes
+def _check_texts(texts: Any) -> list[str]:
+    """Return ``texts`` (one string or several) as a list of strings; raise naming ``texts`` otherwise."""
+    if isinstance(texts, str):
+        return [texts]
+    items = list(texts) if isinstance(texts, Iterable) else None
+    if items is None or not all(isinstance(t, str) for t in items):
+        raise InvalidArgumentError("texts", texts, "a string, a list of strings or a tensor of token ids")
+    return items
+
+
+def _path_key(images: Any, key: Any) -> Any:
+    """The result key of the item that :func:`~clipscope.data.iter_images` keyed ``key``: its path for a
+    path item, else ``key`` (a folder's items are keyed by path already)."""
+    if not isinstance(key, int):
+        return key
+    if isinstance(images, (str, os.PathLike)):
+        item = images
+    elif isinstance(images, (list, tuple)):
+        item = images[key]
+    else:
+        return key
+    return os.fspath(item) if isinstance(item, (str, os.PathLike)) else key
+
+
+def _positions(images: Any, keys: Sequence[Any]) -> list[int]:
+    """Position in the input of each row keyed by :func:`~clipscope.data.iter_images` (paths: in a folder)."""
+    if all(isinstance(k, int) for k in keys):
+        return list(keys)
+    order = {str(p): i for i, p in enumerate(list_image_files(images))}
+    return [order[k] for k in keys]
+
+
+def _warn_skipped(skipped: Sequence[tuple[Any, str]], total: int) -> None:
+    listing = "; ".join(f"{k}: {r}" for k, r in skipped[:3])
+    more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    warnings.warn(f"zero_shot skipped {len(skipped)} of {total} image(s) that could not be read "
+                  f"(listed in the result's .skipped): {listing}{more}", UserWarning, stacklevel=3)
 
 
 def _progress(iterable, progress: bool | None, default: bool, desc: str, total: int | None = None):
@@ -429,20 +505,26 @@ def load(name: str, pretrained: str | None = None, device: str | torch.device = 
 
     Raises :class:`~clipscope.hub.UnknownModelError` for names that match nothing
     (with close matches), :class:`~clipscope.hub.WeightsNotAvailableError` when
-    the weights are neither cached nor downloadable (with how to get them), and
-    :class:`~clipscope.hub.UnsafeCheckpointError` for checkpoints that need pickled code.
+    the weights are neither cached nor downloadable (with how to get them),
+    :class:`~clipscope.hub.UnsafeCheckpointError` for checkpoints that need pickled code,
+    :class:`~clipscope.hub.CheckpointError` for a malformed weights file or model folder (naming
+    the file and what is wrong), and :class:`~clipscope.validate.InvalidArgumentError` for a bad
+    ``device``, ``precision`` or ``pretrained``.
     """
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
     if not isinstance(name, str) or not name:
         raise _unknown_model(name)
+    if pretrained is not None and not isinstance(pretrained, (str, os.PathLike)):
+        raise InvalidArgumentError("pretrained", pretrained, "None, a pretrained tag or a checkpoint path")
+    pretrained = None if pretrained is None else os.fspath(pretrained)
     if name.startswith("hf:"):
         from .hf import load_transformers
         return load_transformers(name, dev, dtype)
     _register_configs()
     if name == "organism":
         if pretrained is not None:
-            raise ValueError("the organism has one set of weights; do not pass pretrained=")
+            raise InvalidArgumentError("pretrained", pretrained, "None: the organism has one set of weights")
         weights = _ORGANISM_DIR / "organism.safetensors"
         if not weights.is_file():
             raise hub.WeightsNotAvailableError(
@@ -457,11 +539,11 @@ def load(name: str, pretrained: str | None = None, device: str | torch.device = 
         files = hub.ensure_files(name, repo, [["open_clip_config.json"],
                                               ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]])
         folder = os.path.dirname(files["open_clip_config.json"])
-        return _open_clip_model("local-dir:" + folder, None, dev, dtype, display=name)
+        return _open_clip_model(_LOCAL_DIR + folder, None, dev, dtype, display=name)
     if os.path.isdir(name):
         if not (Path(name) / "open_clip_config.json").is_file():
             raise _unknown_model(name, extra=f" The folder {name!r} has no open_clip_config.json.")
-        return _open_clip_model("local-dir:" + str(Path(name).resolve()), None, dev, dtype, display=name)
+        return _open_clip_model(_LOCAL_DIR + str(Path(name).resolve()), None, dev, dtype, display=name)
     if os.path.isfile(name):
         raise hub.UnknownModelError(
             f"{name!r} is a checkpoint file, which does not say which architecture it holds. "
@@ -527,7 +609,10 @@ def _load_open_clip_name(name: str, pretrained: str | None, dev: torch.device, d
         stem = filename.rsplit(".", 1)[0]
         candidates = ["open_clip_model.safetensors"] if filename == "open_clip_pytorch_model.bin" else []
         candidates += [stem + ".safetensors", filename]  # safetensors first, as open_clip does
-        files = hub.ensure_files(display, repo, [list(dict.fromkeys(candidates))])
+        files = hub.ensure_files(display, repo, [list(dict.fromkeys(candidates))],
+                                 load_call=hub.python_call("clipscope.load", arch, pretrained=pretrained),
+                                 local_call=hub.python_call("clipscope.load", arch,
+                                                            pretrained="/path/to/weights.safetensors"))
         path = next(iter(files.values()))
     else:
         path = str(hub.url_cache_path(cfg["url"]))
@@ -537,7 +622,8 @@ def _load_open_clip_name(name: str, pretrained: str | None, dev: torch.device, d
                 raise hub.WeightsNotAvailableError(
                     f"The weights for {display} are not cached at {path} and cannot be downloaded "
                     f"from {cfg['url']}: {reason}. Download the file on a machine with internet and put it "
-                    f"there, or load a local file with pretrained='/path/to/file'.")
+                    "there, or load a local copy: "
+                    f"{hub.python_call('clipscope.load', arch, pretrained='/path/to/file')}.")
             from open_clip.pretrained import download_pretrained_from_url
             path = download_pretrained_from_url(cfg["url"])
     return _open_clip_model(arch, path, dev, dtype, display=arch, tag=pretrained,
@@ -545,6 +631,15 @@ def _load_open_clip_name(name: str, pretrained: str | None, dev: torch.device, d
                             image_mean=cfg.get("mean"), image_std=cfg.get("std"),
                             image_interpolation=cfg.get("interpolation"),
                             image_resize_mode=cfg.get("resize_mode"))
+
+
+def _architecture_shapes(arch: str) -> dict[str, tuple[int, ...]]:
+    """Return ``{name: shape}`` of the tensors of the open_clip architecture ``arch`` (built on the meta
+    device: no memory, no weights)."""
+    import open_clip
+    with torch.device("meta"), _quiet_root_logger():
+        model = open_clip.create_model(arch, device="meta")
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 @contextlib.contextmanager
@@ -568,13 +663,13 @@ def _open_clip_model(arch: str, checkpoint: str | None, dev: torch.device, dtype
         with _quiet_root_logger():  # open_clip logs its own notices on the root logger
             model, _, preprocess = open_clip.create_model_and_transforms(
             arch, pretrained=checkpoint, device="cpu", precision="fp32", weights_only=True,
-                require_pretrained=checkpoint is not None or arch.startswith("local-dir:"), **kwargs)
-    except pickle.UnpicklingError as exc:
-        raise hub.refuse_unsafe(exc, checkpoint or arch) from None
-    except RuntimeError as exc:
-        if "Weights only load failed" in str(exc):
-            raise hub.refuse_unsafe(exc, checkpoint or arch) from None
-        raise
+                require_pretrained=checkpoint is not None or arch.startswith(_LOCAL_DIR), **kwargs)
+    except Exception as exc:  # open_clip and torch raise many types for a bad file; one error names it
+        if checkpoint is not None:
+            raise hub.checkpoint_error(exc, checkpoint, repr(arch), lambda: _architecture_shapes(arch)) from None
+        if arch.startswith(_LOCAL_DIR):
+            raise hub.checkpoint_error(exc, arch[len(_LOCAL_DIR):], "its open_clip_config.json") from None
+        raise  # a random initialisation reads no file
     model = model.to(dev, dtype)
     tokenizer = open_clip.get_tokenizer(arch)
     visual = model.visual

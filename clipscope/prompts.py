@@ -7,7 +7,9 @@ of all filled-in templates per class (the prompt ensembling of Radford et al.,
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+
+from .validate import InvalidArgumentError
 
 #: The single template used when none is given.
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
@@ -106,32 +108,42 @@ TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
 
 def resolve_templates(templates: str | Sequence[str] | None,
                       default: Sequence[str] = DEFAULT_TEMPLATES) -> tuple[str, ...]:
-    """Return ``templates`` as a validated tuple.
+    """Return ``templates`` as a validated tuple of template strings.
 
     ``None`` gives ``default``; a string names a set in :data:`TEMPLATE_SETS`
-    (or, if it contains ``{}``, is a single template). Every template must hold
-    exactly one ``{}`` slot.
+    (or, if it contains ``{}``, is a single template). Every template must be a
+    string holding exactly one ``{}`` slot and no other format field. Anything else
+    raises :class:`~clipscope.validate.InvalidArgumentError` naming ``templates``.
     """
     if templates is None:
         out = tuple(default)
     elif isinstance(templates, str):
-        if "{}" in templates:
-            out = (templates,)
-        elif templates in TEMPLATE_SETS:
-            out = TEMPLATE_SETS[templates]
-        else:
-            raise ValueError(
-                f"Unknown template set {templates!r}; valid sets: {sorted(TEMPLATE_SETS)}, "
-                "or a template string containing '{}'."
-            )
-    else:
+        if "{}" not in templates and templates not in TEMPLATE_SETS:
+            raise InvalidArgumentError("templates", templates, f"a template set name ({', '.join(TEMPLATE_SETS)}), "
+                                                               "a template string containing '{}', or a list of those")
+        out = (templates,) if "{}" in templates else TEMPLATE_SETS[templates]
+    elif isinstance(templates, Iterable):
         out = tuple(templates)
+    else:
+        raise InvalidArgumentError("templates", templates, "a template set name, a template string or a list of them")
     if not out:
-        raise ValueError("templates must not be empty.")
-    bad = [t for t in out if not isinstance(t, str) or t.count("{}") != 1]
-    if bad:
-        raise ValueError(f"Each template needs exactly one '{{}}' slot for the class name; bad: {bad[:3]}")
+        raise InvalidArgumentError("templates", templates, "at least one template")
+    bad = next((t for t in out if not _is_template(t)), None)
+    if bad is not None:
+        raise InvalidArgumentError("templates", templates, "strings with exactly one '{}' slot for the class name "
+                                                           f"and no other braces; {bad!r} is not one")
     return out
+
+
+def _is_template(template: object) -> bool:
+    """True for a string with exactly one ``{}`` slot that ``str.format`` fills without error."""
+    if not isinstance(template, str) or template.count("{}") != 1:
+        return False
+    try:
+        template.format("x")
+    except (IndexError, KeyError, ValueError):
+        return False
+    return True
 
 
 def fill(templates: Sequence[str], classname: str) -> list[str]:
