@@ -30,6 +30,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .validate import InvalidArgumentError, check_int, check_number, check_vector
+
 Layout = Literal["conv", "tokens", "vector"]
 
 
@@ -81,6 +83,21 @@ class Unit:
     position: tuple[int, int] | None = None
     direction: torch.Tensor | None = None
 
+    def __post_init__(self):
+        """Check the types once, at construction: ranges depend on the site and are checked by :meth:`check`."""
+        if not isinstance(self.site, str) or not self.site.strip():
+            raise InvalidArgumentError("site", self.site, "a site name (a non-empty string, see model.layers())")
+        if self.index is not None:
+            object.__setattr__(self, "index", check_int("index", self.index))
+        if self.token is not None:
+            object.__setattr__(self, "token", check_int("token", self.token))
+        if self.position is not None:
+            object.__setattr__(self, "position", _check_position(self.position))
+        if self.direction is not None:
+            if self.index is not None:
+                raise InvalidArgumentError("direction", "<vector>", "give an index or a direction, not both")
+            object.__setattr__(self, "direction", check_vector("direction", self.direction))
+
     @classmethod
     def channel(cls, site: str, index: int, position: tuple[int, int] | None = None) -> "Unit":
         """A conv channel, optionally at one spatial position ``(y, x)``."""
@@ -100,8 +117,7 @@ class Unit:
     def along(cls, site: str, direction: torch.Tensor, token: int | None = None,
               position: tuple[int, int] | None = None) -> "Unit":
         """A direction vector in a site's channel/feature space."""
-        return cls(site, direction=torch.as_tensor(direction, dtype=torch.float32).flatten(),
-                   token=token, position=position)
+        return cls(site, direction=direction, token=token, position=position)
 
     def __repr__(self) -> str:
         parts = [repr(self.site)]
@@ -117,30 +133,37 @@ class Unit:
 
     # -- validation ---------------------------------------------------------------
     def check(self, site: Site) -> None:
-        """Raise ``ValueError`` naming the bad field and its valid range if the unit does not fit ``site``."""
-        if self.index is not None and self.direction is not None:
-            raise ValueError(f"{self!r}: give an index or a direction, not both")
-        if self.index is not None and not 0 <= self.index < site.n_units:
-            kind = "channels" if site.layout == "conv" else "features"
-            raise ValueError(f"unit index {self.index} is out of range for {site.name!r} with "
-                             f"{site.n_units} {kind} (valid: 0..{site.n_units - 1})")
-        if self.direction is not None and self.direction.numel() != site.n_units:
-            raise ValueError(f"direction has {self.direction.numel()} entries but {site.name!r} has "
-                             f"{site.n_units} {'channels' if site.layout == 'conv' else 'features'}")
+        """Raise :class:`~clipscope.validate.InvalidArgumentError` naming the field and its valid range
+        if the unit does not fit ``site``."""
+        kind = "channels" if site.layout == "conv" else "features"
+        n = site.n_units
+        if self.index is not None and not 0 <= self.index < n:
+            raise InvalidArgumentError("index", self.index, f"out of range for {site.name!r} with {n} {kind} "
+                                                            f"(valid: 0..{n - 1})")
+        if self.direction is not None and self.direction.numel() != n:
+            raise InvalidArgumentError("direction", f"<{self.direction.numel()} entries>",
+                                       f"direction has {self.direction.numel()} entries but {site.name!r} has "
+                                       f"{n} {kind}; give one entry per {kind[:-1]}")
         if self.token is not None:
             if site.layout != "tokens":
-                raise ValueError(f"token= needs a tokens site; {site.name!r} has layout {site.layout!r}")
-            if not -site.shape[0] <= self.token < site.shape[0]:
-                raise ValueError(f"token {self.token} is out of range for {site.name!r} with {site.shape[0]} tokens")
+                raise InvalidArgumentError("token", self.token, f"token= needs a tokens site; {site.name!r} has "
+                                                                f"layout {site.layout!r}")
+            length = site.shape[0]
+            if not -length <= self.token < length:
+                raise InvalidArgumentError("token", self.token, f"out of range for {site.name!r} with {length} "
+                                                                f"tokens (valid: {-length}..{length - 1})")
         if self.position is not None:
             if site.layout != "conv":
-                raise ValueError(f"position= needs a conv site; {site.name!r} has layout {site.layout!r}")
+                raise InvalidArgumentError("position", self.position, f"position= needs a conv site; {site.name!r} "
+                                                                      f"has layout {site.layout!r}")
             y, x = self.position
             _, h, w = site.shape
             if not (0 <= y < h and 0 <= x < w):
-                raise ValueError(f"position {self.position} is outside {site.name!r}'s {h}x{w} grid")
+                raise InvalidArgumentError("position", self.position, f"outside {site.name!r}'s {h}x{w} grid "
+                                                                      f"(valid: (0..{h - 1}, 0..{w - 1}))")
         if self.index is None and self.direction is None and self.token is None and self.position is None:
-            raise ValueError(f"{self!r} selects nothing: give index, direction, token or position")
+            raise InvalidArgumentError("unit", self, "a unit that selects something: give index, direction, "
+                                                     "token or position (this one selects nothing)")
 
     # -- reading ------------------------------------------------------------------
     def _selector(self, layout: Layout) -> list[Any]:
@@ -197,6 +220,16 @@ class Unit:
         if self.index is not None:
             where[-1] = self.index
         view[tuple(where)] = value
+
+
+def _check_position(position: Any) -> tuple[int, int]:
+    """``position`` as a ``(y, x)`` pair of ints, or an error naming it."""
+    if isinstance(position, (str, bytes)) or not isinstance(position, Sequence) or len(position) != 2:
+        raise InvalidArgumentError("position", position, "a (y, x) pair of integers")
+    try:
+        return check_int("position", position[0]), check_int("position", position[1])
+    except InvalidArgumentError:
+        raise InvalidArgumentError("position", position, "a (y, x) pair of integers") from None
 
 
 def unit_means(acts: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -344,7 +377,15 @@ class Activations(Mapping[str, torch.Tensor]):
 
 def site_names(sites: str | Iterable[str]) -> list[str]:
     """One site name or several, as a list without repeats (first-use order)."""
-    return [sites] if isinstance(sites, str) else list(dict.fromkeys(sites))
+    if isinstance(sites, str):
+        return [sites]
+    if not isinstance(sites, Iterable):
+        raise InvalidArgumentError("sites", sites, "a site name or a list of site names (see model.layers())")
+    names = list(sites)
+    for name in names:
+        if not isinstance(name, str):
+            raise InvalidArgumentError("sites", names, f"site names (strings); {name!r} is not one")
+    return list(dict.fromkeys(names))
 
 
 class _ReachedSites(Exception):
@@ -371,15 +412,18 @@ class HookedModel:
         return self._sites
 
     def site(self, name: str) -> Site:
-        """Return the :class:`Site` called ``name``; unknown names raise with close matches."""
+        """Return the :class:`Site` called ``name``; unknown names raise
+        :class:`~clipscope.validate.InvalidArgumentError` with close matches."""
+        if not isinstance(name, str):
+            raise InvalidArgumentError("site", name, "a site name (a string); model.layers() lists them")
         try:
             return self.sites[name]
         except KeyError:
             import difflib
             close = difflib.get_close_matches(name, list(self.sites), n=5, cutoff=0.6)
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
-            raise ValueError(f"Unknown site {name!r}.{hint} model.layers() lists all "
-                             f"{len(self.sites)} sites.") from None
+            raise InvalidArgumentError("site", name, f"Unknown site; model.layers() lists all "
+                                                     f"{len(self.sites)} sites.{hint}") from None
 
     def _module(self, site: Site) -> nn.Module:
         return self._root.get_submodule(site.module)
@@ -460,9 +504,9 @@ class HookedModel:
         ``value`` may be a scalar or a tensor broadcastable to the selected region
         (e.g. a mean activation to patch in).
         """
-        unit_list = [units] if isinstance(units, Unit) else list(units)
-        if not unit_list:
-            raise ValueError("ablate() needs at least one unit")
+        unit_list = _check_units(units)
+        if not isinstance(value, torch.Tensor):
+            value = check_number("value", value)
         by_site: dict[str, list[Unit]] = {}
         for u in unit_list:
             site = self.site(u.site)
@@ -502,3 +546,18 @@ class HookedModel:
                 h.remove()
             for t in towers:
                 self._ablated_towers.remove(t)
+
+
+def _check_units(units: Any) -> list[Unit]:
+    """``units`` (one :class:`Unit` or several) as a non-empty list, or an error naming the bad item."""
+    if isinstance(units, Unit):
+        return [units]
+    if not isinstance(units, Iterable) or isinstance(units, (str, bytes)):
+        raise InvalidArgumentError("units", units, "a Unit or a list of Units (Unit.channel, Unit.neuron, ...)")
+    unit_list = list(units)
+    if not unit_list:
+        raise InvalidArgumentError("units", unit_list, "at least one Unit")
+    for u in unit_list:
+        if not isinstance(u, Unit):
+            raise InvalidArgumentError("units", u, "Unit objects (Unit.channel, Unit.neuron, ...)")
+    return unit_list

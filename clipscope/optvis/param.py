@@ -20,9 +20,31 @@ import math
 import numpy as np
 import torch
 
+from ..validate import InvalidArgumentError, check_int, check_number
+
+#: The largest image side, in pixels, a parameterization may have.
+MAX_SIZE = 4096
+
+
+def check_size(parameter: str, size: object) -> tuple[int, int]:
+    """Return ``size`` (an int, or an ``(H, W)`` pair of ints, each in 1..:data:`MAX_SIZE` pixels) as ``(H, W)``."""
+    valid = f"an image size in pixels: an integer or an (H, W) pair of integers in [1, {MAX_SIZE}]"
+    sides = [size, size] if not isinstance(size, (tuple, list)) else list(size)
+    try:
+        if len(sides) != 2:
+            raise InvalidArgumentError(parameter, size, valid)
+        h, w = (check_int(parameter, side, low=1, high=MAX_SIZE) for side in sides)
+    except InvalidArgumentError:
+        raise InvalidArgumentError(parameter, size, valid) from None
+    return h, w
+
 
 def _size(size: int | tuple[int, int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return check_size("size", size)
+
+
+def _batch(batch: int) -> int:
+    return check_int("batch", batch, low=1)
 
 
 def _generator(seed: int | None) -> torch.Generator | None:
@@ -71,7 +93,8 @@ class FourierImage(ImageParam):
     def __init__(self, batch: int, size: int | tuple[int, int], *, sd: float = 0.01, decorrelate: bool = True,
                  seed: int | None = None, device: str | torch.device = "cpu"):
         from lucent.optvis.param import image
-        self.batch, self.size, self.device = int(batch), _size(size), torch.device(device)
+        self.batch, self.size, self.device = _batch(batch), _size(size), torch.device(device)
+        sd = check_number("sd", sd, low=0)
         h, w = self.size
         with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
             if seed is not None:
@@ -92,7 +115,8 @@ class PixelImage(ImageParam):
 
     def __init__(self, batch: int, size: int | tuple[int, int], *, sd: float = 0.01, seed: int | None = None,
                  device: str | torch.device = "cpu"):
-        self.batch, self.size, self.device = int(batch), _size(size), torch.device(device)
+        self.batch, self.size, self.device = _batch(batch), _size(size), torch.device(device)
+        sd = check_number("sd", sd, low=0)
         logits = torch.randn(self.batch, 3, *self.size, generator=_generator(seed)) * sd
         self.logits = logits.to(self.device).requires_grad_(True)
 
@@ -169,8 +193,8 @@ class MacoImage(ImageParam):
 
     def __init__(self, batch: int, size: int | tuple[int, int], *, contrast: float = 2.0, seed: int | None = None,
                  device: str | torch.device = "cpu"):
-        self.batch, self.size, self.device = int(batch), _size(size), torch.device(device)
-        self.contrast = float(contrast)
+        self.batch, self.size, self.device = _batch(batch), _size(size), torch.device(device)
+        self.contrast = check_number("contrast", contrast, low=0, low_open=True)
         h, w = self.size
         self.magnitude = natural_spectrum(self.size).to(self.device)
         phase = (torch.rand(self.batch, 3, h, w // 2 + 1, generator=_generator(seed)) * 2 - 1) * math.pi
@@ -202,8 +226,8 @@ PARAMS: dict[str, type[ImageParam]] = {"fourier": FourierImage, "pixels": PixelI
 def make_param(kind: str, batch: int, size: int | tuple[int, int], *, seed: int | None = None,
                device: str | torch.device = "cpu") -> ImageParam:
     """Return a new parameterization by name: ``"fourier"``, ``"pixels"`` or ``"maco"``, with default settings."""
-    try:
-        cls = PARAMS[kind]
-    except KeyError:
-        raise ValueError(f"unknown parameterization {kind!r}; valid: {', '.join(map(repr, PARAMS))}") from None
+    if not isinstance(kind, str) or kind not in PARAMS:
+        raise InvalidArgumentError("param", kind, f"unknown parameterization; valid: {', '.join(map(repr, PARAMS))} "
+                                                  "or an ImageParam")
+    cls = PARAMS[kind]
     return cls(batch, size, seed=seed, device=device)

@@ -14,9 +14,10 @@ import torch
 
 from ..hooks import Unit
 from ..io import write_bytes_atomic
+from ..validate import InvalidArgumentError, check_int, check_number
 from .facets import second_order_forward
 from .objectives import Context, Objective, batched, unit, unit_label
-from .param import ImageParam, make_param
+from .param import ImageParam, check_size, make_param
 from .transform import ClipInput, Compose, standard_transforms
 
 
@@ -184,25 +185,34 @@ def render(model, objective_or_units: Objective | Unit | Sequence[Objective | Un
     batch, capturing only the sites the objective reads; unless the objective reads the
     image embedding (``text_direction``), the forward pass stops at the deepest of them.
     """
+    steps, seed = check_int("steps", steps, low=1), check_int("seed", seed)
+    redirect_steps = check_int("redirect_steps", redirect_steps, low=0)
+    batch = None if batch is None else check_int("batch", batch, low=1)
+    size = None if size is None else check_size("size", size)
+    lr = None if lr is None else check_number("lr", lr, low=0)
+    if callback is not None and not callable(callback):
+        raise InvalidArgumentError("callback", callback, "a function (step, values) or None")
     items = list(objective_or_units) if isinstance(objective_or_units, (list, tuple)) else None
     if items is not None:
+        if not items:
+            raise InvalidArgumentError("objective_or_units", items, "at least one Objective or Unit")
         if batch is not None and batch != len(items):
-            raise ValueError(f"batch={batch} but {len(items)} objectives/units were given (one per batch element)")
+            raise InvalidArgumentError("batch", batch, f"{len(items)} (one batch element per objective/unit "
+                                                       "given) or None")
         objective, units, n = batched(items), items, len(items)
     else:
-        n = int(batch) if batch is not None else param.batch if isinstance(param, ImageParam) else 1
+        n = batch if batch is not None else param.batch if isinstance(param, ImageParam) else 1
         single = objective_or_units
         objective = unit(single) if isinstance(single, Unit) else single
         units = [single] * n
     if not isinstance(objective, Objective):
         raise TypeError(f"expected an Objective, a Unit or a sequence of them, got {type(objective_or_units).__name__}")
-    if n < 1 or steps < 1:
-        raise ValueError(f"batch and steps must be at least 1 (got batch={n}, steps={steps})")
     objective.check(model)
 
     if isinstance(param, ImageParam):
         if param.batch != n:
-            raise ValueError(f"the parameterization holds {param.batch} images but the batch has {n}")
+            raise InvalidArgumentError("batch", n, f"the parameterization holds {param.batch} images; give "
+                                                   f"batch={param.batch} or None")
         image_param = param
     else:
         image_param = make_param(param, n, size or model.image_size, seed=seed, device=model.device)
@@ -212,7 +222,7 @@ def render(model, objective_or_units: Objective | Unit | Sequence[Objective | Un
         transforms = Compose(transforms)
     pipeline = Compose([transforms, ClipInput(model)])
     optimizer = torch.optim.Adam(image_param.parameters(), lr=image_param.lr if lr is None else lr)
-    generator = torch.Generator().manual_seed(int(seed))
+    generator = torch.Generator().manual_seed(seed)
 
     forward_context = second_order_forward if objective.second_order else contextlib.nullcontext
     from tqdm.auto import tqdm
@@ -243,4 +253,4 @@ def render(model, objective_or_units: Objective | Unit | Sequence[Objective | Un
                 bar.set_postfix(objective=f"{values.detach().mean().item():.3g}")
     with torch.no_grad():
         images = image_param().float().cpu()
-    return RenderResult(images, torch.stack(trace).float().cpu(), list(units), int(seed))
+    return RenderResult(images, torch.stack(trace).float().cpu(), list(units), seed)

@@ -9,6 +9,7 @@ and a position:
 """
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,10 @@ from typing import Any
 from PIL import Image
 
 from ..data import ImageLoadError, default_workers, iter_images, ordered_map
-from .render import Position, TextStyle, render_text
+from ..validate import InvalidArgumentError, check_choice, check_int, check_names
+from .render import Position, TextStyle, check_position, render_text
+
+MODES = ("untargeted", "targeted", "text")
 
 
 @dataclass(frozen=True)
@@ -45,31 +49,39 @@ class Attack:
         return cls("text", text, style or TextStyle(), position)
 
     def __post_init__(self):
-        if self.mode not in ("untargeted", "targeted", "text"):
-            raise ValueError(f"unknown attack mode {self.mode!r}; valid: 'untargeted', 'targeted', 'text'")
-        if self.mode != "untargeted" and not self.target:
-            raise ValueError(f"a {self.mode} attack needs its text (target)")
+        check_choice("mode", self.mode, MODES)
+        if self.mode == "untargeted" and self.target is not None:
+            raise InvalidArgumentError("target", self.target, "no target for an untargeted attack (it writes a "
+                                                              "wrong class per image); use Attack.targeted")
+        if self.mode != "untargeted" and not (isinstance(self.target, str) and self.target.strip()):
+            raise InvalidArgumentError("target", self.target, f"the text a {self.mode} attack writes "
+                                                              "(a non-empty string)")
+        if not isinstance(self.style, TextStyle):
+            raise InvalidArgumentError("style", self.style, "a TextStyle")
+        object.__setattr__(self, "position", check_position("position", self.position))
 
     def replace(self, **changes) -> "Attack":
         """A copy with attack fields (``mode``, ``target``, ``position``) or style fields changed."""
         style_fields = set(TextStyle.__dataclass_fields__)
         style_changes = {k: v for k, v in changes.items() if k in style_fields}
         own = {k: v for k, v in changes.items() if k not in style_fields}
-        unknown = set(own) - {"mode", "target", "position"}
+        unknown = sorted(set(own) - {"mode", "target", "position"})
         if unknown:
-            raise ValueError(f"unknown attack parameter(s) {sorted(unknown)}; valid: "
-                             f"{sorted(style_fields | {'mode', 'target', 'position'})}")
+            raise InvalidArgumentError(unknown[0], own[unknown[0]], "unknown attack parameter; valid: "
+                                       f"{sorted(style_fields | {'mode', 'target', 'position'})}")
         style = self.style.replace(**style_changes) if style_changes else self.style
         return Attack(own.get("mode", self.mode), own.get("target", self.target), style,
                       own.get("position", self.position))
 
-    def check(self, classes: Sequence[str]) -> None:
-        """Raise ``ValueError`` if the attack cannot be scored against ``classes``."""
+    def check(self, classes: Sequence[str]) -> list[str]:
+        """Return ``classes`` as a list if the attack can be scored against them; else raise
+        :class:`~clipscope.validate.InvalidArgumentError` (an untargeted attack needs two classes,
+        a targeted one its target among them)."""
+        classes = check_names("classes", classes, min_count=2 if self.mode == "untargeted" else 1)
         if self.mode == "targeted" and self.target not in classes:
-            raise ValueError(f"targeted attack text {self.target!r} is not one of the classes {list(classes)}; "
-                             "use Attack.free_text for text outside the class list")
-        if self.mode == "untargeted" and len(classes) < 2:
-            raise ValueError("an untargeted attack needs at least two classes")
+            raise InvalidArgumentError("target", self.target, f"one of the classes {classes}; use "
+                                                              "Attack.free_text for text outside the class list")
+        return classes
 
     def text_for(self, label: str | None, classes: Sequence[str], index: int, seed: int) -> str:
         """The text written on image number ``index`` whose true class is ``label``."""
@@ -118,14 +130,28 @@ def generate(attack: Attack, images: Any, labels: Iterable[str | None], classes:
     with the same result as one thread (each image's randomness is seeded by its
     index); at most ``2 * workers`` images are held beyond the current one.
     """
-    attack.check(classes)
+    classes = attack.check(classes)
+    seed = check_int("seed", seed)
+    workers = default_workers() if workers is None else check_int("workers", workers, low=1)
     yield from ordered_map(lambda job: attack_job(attack, classes, seed, job), readable_jobs(images, labels, skipped),
-                           default_workers() if workers is None else workers)
+                           workers)
 
 
 def readable_jobs(images: Any, labels: Iterable[str | None], skipped: list | None) -> Iterator[tuple]:
-    """``(index, key, image, label)`` for each readable image; unreadable ones go to ``skipped``."""
-    for index, ((key, image), label) in enumerate(zip(iter_images(images), labels)):
+    """``(index, key, image, label)`` for each readable image; unreadable ones go to ``skipped``.
+
+    The key is the image's path where it has one (a folder's files, a list of paths), else
+    what :func:`~clipscope.data.iter_images` gives (its position). A stream whose number of
+    labels differs from its number of images raises where the difference shows.
+    """
+    labels = iter(labels)
+    count = 0
+    for index, (key, image) in enumerate(iter_images(images)):
+        label = next(labels, _MISSING)
+        if label is _MISSING:
+            raise InvalidArgumentError("labels", f"<{index} items>", "one label per image (there are more images)")
+        count += 1
+        key = image_key(images, key)
         if isinstance(image, ImageLoadError):
             if skipped is not None:
                 skipped.append((key, str(image)))
@@ -133,6 +159,18 @@ def readable_jobs(images: Any, labels: Iterable[str | None], skipped: list | Non
         if not isinstance(image, Image.Image):
             raise TypeError("typographic attacks need PIL images, paths or a data set, not preprocessed tensors")
         yield index, key, image, label
+    if next(labels, _MISSING) is not _MISSING:
+        raise InvalidArgumentError("labels", f"<more than {count} items>", f"one label per image ({count} images)")
+
+
+_MISSING = object()
+
+
+def image_key(source: Any, key: Any) -> Any:
+    """The key that names item ``key`` of ``source`` in results: its path (a string) when it is a path, else ``key``."""
+    if isinstance(source, (list, tuple)) and isinstance(key, int) and isinstance(source[key], (str, os.PathLike)):
+        return str(source[key])
+    return key
 
 
 def attack_job(attack: Attack, classes: Sequence[str], seed: int, job: tuple) -> AttackedImage:

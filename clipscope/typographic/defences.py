@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from ..hooks import Unit, unit_means
+from ..validate import InvalidArgumentError, check_int, check_names, check_number
 from .render import TextStyle, render_text
 
 
@@ -58,6 +59,14 @@ class PromptDefence(Defence):
     templates_override: Sequence[str] | None = None
     name: str = "prompt"
 
+    def __post_init__(self):
+        if self.text_template is not None and not (isinstance(self.text_template, str)
+                                                   and self.text_template.count("{}") == 1):
+            raise InvalidArgumentError("text_template", self.text_template,
+                                       "a string with one '{}' for the class name (e.g. 'text that says {}'), or None")
+        if self.templates_override is not None:
+            self.templates_override = check_names("templates_override", self.templates_override, unique=False)
+
     def classes(self, classes):
         if self.text_template is None:
             return super().classes(classes)
@@ -83,6 +92,15 @@ class AblationDefence(Defence):
     units: Sequence[Unit]
     value: float = 0.0
     name: str = "ablation"
+
+    def __post_init__(self):
+        if isinstance(self.units, Unit):
+            self.units = [self.units]
+        if isinstance(self.units, (str, bytes)) or not isinstance(self.units, Sequence) or not self.units or \
+                not all(isinstance(u, Unit) for u in self.units):
+            raise InvalidArgumentError("units", self.units, "a non-empty list of Units (e.g. find_text_units(...).units)")
+        if not isinstance(self.value, torch.Tensor):
+            self.value = check_number("value", self.value)
 
     def context(self, model):
         return model.ablate(list(self.units), self.value)
@@ -132,6 +150,16 @@ def find_text_units(model, site: str, images: Sequence[Image.Image], words: Sequ
     the pooled standard deviation. Returns the top ``k`` as :class:`TextUnits`.
     """
     info = model.site(site)
+    if info.tower != "visual":
+        raise InvalidArgumentError("site", site, "an image-tower site (visual.*; see model.layers())")
+    k = check_int("k", k, low=1)
+    words = check_names("words", words, unique=False)
+    if isinstance(images, (str, bytes)) or not isinstance(images, Sequence) or len(images) < 2 or \
+            not all(isinstance(im, Image.Image) for im in images):
+        raise InvalidArgumentError("images", images, "a list of at least two PIL images")
+    if style is not None and not isinstance(style, TextStyle):
+        raise InvalidArgumentError("style", style, "a TextStyle or None")
+    seed = check_int("seed", seed)
     style = style or TextStyle()
     with_text = [render_text(im, words[i % len(words)], style, "random", seed=seed + i).image
                  for i, im in enumerate(images)]

@@ -13,7 +13,7 @@ Metrics (all fractions in [0, 1]):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..data import batched, default_workers, ordered_map, prefetch, source_length
+from ..validate import InvalidArgumentError, check_int, check_same_length
 from .attack import Attack, AttackedImage, attack_job, readable_jobs
 from .defences import Defence
 
@@ -100,6 +101,33 @@ class AttackResult:
                 f"{len(self.frame)} images{note}</p>{table}")
 
 
+def check_attack_data(images: Any, labels: Iterable[str | None], classes: Sequence[str],
+                      attack: Attack) -> tuple[list[str], list[str | None]]:
+    """Return ``(classes, labels)`` as lists if they fit ``images`` and ``attack``; else raise
+    :class:`~clipscope.validate.InvalidArgumentError` naming the bad argument.
+
+    Classes are non-empty unique strings, each label one of them or ``None``, one label per image
+    (checked here when the number of images is known, else while streaming), at least one image.
+    """
+    if not isinstance(attack, Attack):
+        raise InvalidArgumentError("attack", attack, "an Attack (Attack.targeted, Attack.untargeted, "
+                                                     "Attack.free_text)")
+    classes = attack.check(classes)
+    if isinstance(labels, (str, bytes, Mapping)) or not isinstance(labels, Iterable):
+        raise InvalidArgumentError("labels", labels, "a list with one class name (or None) per image")
+    labels = list(labels)
+    bad = list(dict.fromkeys(l for l in labels if l is not None and l not in classes))
+    if bad:
+        raise InvalidArgumentError("labels", bad, f"not among the classes {classes}; each label must be a class "
+                                                  "or None")
+    n = source_length(images)
+    if n == 0:
+        raise InvalidArgumentError("images", images, "at least one image")
+    if n is not None:
+        check_same_length(images=range(n), labels=labels)
+    return classes, labels
+
+
 def _scores(model, images, defence: Defence, class_emb: torch.Tensor, class_map: list[str | None],
             classes: Sequence[str]) -> tuple[torch.Tensor, list[str]]:
     """Return (probabilities over the original classes (n, C), top-1 prediction names).
@@ -139,13 +167,15 @@ def evaluate(model, images: Any, labels: Sequence[str | None], classes: Sequence
     """
     import pandas as pd
 
-    classes = list(classes)
+    classes, labels = check_attack_data(images, labels, classes, attack)
+    if defence is not None and not isinstance(defence, Defence):
+        raise InvalidArgumentError("defence", defence, "a Defence (PromptDefence, AblationDefence, ...) or None")
     defence = defence or Defence()
-    labels = list(labels)
-    bad = sorted({l for l in labels if l is not None and l not in classes})
-    if bad:
-        raise ValueError(f"label(s) {bad[:5]} are not among the classes {classes}")
-    attack.check(classes)
+    batch_size = check_int("batch_size", batch_size, low=1)
+    seed = check_int("seed", seed)
+    n_examples = check_int("n_examples", n_examples, low=0)
+    if workers is not None:
+        workers = check_int("workers", workers, low=1)
     score_classes, class_map = defence.classes(classes)
     skipped: list = []
     rows, examples = [], []
@@ -183,7 +213,7 @@ def evaluate(model, images: Any, labels: Sequence[str | None], classes: Sequence
                 label = classes.index(it.label) if it.label is not None else None
                 defined = target is not None and clean_pred[i] != it.text
                 rows.append({
-                    "index": it.index, "key": it.key, "label": it.label, "text": it.text, "cover": it.cover,
+                    "key": it.key, "index": it.index, "label": it.label, "text": it.text, "cover": it.cover,
                     "clean_prediction": clean_pred[i], "attacked_prediction": att_pred[i],
                     "clean_correct": float(clean_pred[i] == it.label) if label is not None else np.nan,
                     "attacked_correct": float(att_pred[i] == it.label) if label is not None else np.nan,
@@ -197,7 +227,7 @@ def evaluate(model, images: Any, labels: Sequence[str | None], classes: Sequence
                     examples.append(it)
             bar.update(len(chunk))
     bar.close()
-    frame = pd.DataFrame(rows, columns=["index", "key", "label", "text", "cover", "clean_prediction",
+    frame = pd.DataFrame(rows, columns=["key", "index", "label", "text", "cover", "clean_prediction",
                                         "attacked_prediction", "clean_correct", "attacked_correct", "clean_p_label",
                                         "attacked_p_label", "clean_p_target", "attacked_p_target", "success"])
     metrics = {
@@ -216,6 +246,40 @@ def evaluate(model, images: Any, labels: Sequence[str | None], classes: Sequence
 # Sweeps
 
 SWEEPABLE = ("size", "opacity", "position", "font", "colour", "box", "box_opacity", "rotation", "repeat", "word")
+
+
+def check_vary(attack: Attack, classes: Sequence[str], vary: Any) -> dict[str, list[Any]]:
+    """Return ``vary`` with each value normalized (as the varied attack holds it) if it names one or two
+    :data:`SWEEPABLE` parameters, each with a non-empty list of unique values valid for it; else raise
+    :class:`~clipscope.validate.InvalidArgumentError` naming the parameter (``vary['size']``) and the value."""
+    if not isinstance(attack, Attack):
+        raise InvalidArgumentError("attack", attack, "an Attack (Attack.targeted, Attack.untargeted, "
+                                                     "Attack.free_text)")
+    if not isinstance(vary, Mapping) or not 1 <= len(vary) <= 2:
+        raise InvalidArgumentError("vary", vary, "a dict of one or two parameters and their values, "
+                                                 "e.g. {'size': [0.1, 0.2, 0.3]}")
+    unknown = [p for p in vary if p not in SWEEPABLE]
+    if unknown:
+        raise InvalidArgumentError("vary", unknown, f"cannot sweep these; sweepable parameters: {list(SWEEPABLE)}")
+    return {p: _check_values(attack, classes, p, values) for p, values in vary.items()}
+
+
+def _check_values(attack: Attack, classes: Sequence[str], param: str, values: Any) -> list[Any]:
+    name = f"vary[{param!r}]"
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Sequence) or not values:
+        raise InvalidArgumentError(name, values, f"a non-empty list of values for {param}")
+    normalized = []
+    for value in values:
+        try:
+            varied = _vary(attack, classes, **{param: value})
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(name, value, exc.valid) from None
+        value = varied.target if param == "word" else varied.position if param == "position" else \
+            getattr(varied.style, param)
+        if value in normalized:
+            raise InvalidArgumentError(name, values, f"unique values; {value!r} appears twice")
+        normalized.append(value)
+    return normalized
 
 
 def _vary(attack: Attack, classes: Sequence[str], **values) -> Attack:
@@ -241,7 +305,7 @@ class SweepResult:
         """Line plot of ``metric`` against the parameter (one parameter) or a heatmap (two); returns the figure."""
         import matplotlib.pyplot as plt
         if metric not in self.frame.columns:
-            raise ValueError(f"unknown metric {metric!r}; valid: {[m for m in METRICS if m in self.frame]}")
+            raise InvalidArgumentError("metric", metric, f"one of {[m for m in METRICS if m in self.frame]}")
         if ax is None:
             _, ax = plt.subplots(figsize=(5, 3.5))
         if len(self.params) == 1:
@@ -286,13 +350,10 @@ def sweep(model, images: Any, labels: Sequence[str | None], classes: Sequence[st
 
     import pandas as pd
 
-    if not 1 <= len(vary) <= 2:
-        raise ValueError("vary one or two parameters, e.g. vary={'size': [0.1, 0.2, 0.3]}")
-    unknown = [p for p in vary if p not in SWEEPABLE]
-    if unknown:
-        raise ValueError(f"cannot sweep {unknown}; sweepable parameters: {list(SWEEPABLE)}")
+    vary = check_vary(attack, classes, vary)
     if iter(images) is images:
         raise TypeError("sweep needs re-iterable images (a list, folder or data set), not a one-shot iterator")
+    check_attack_data(images, labels, classes, attack)
     params = list(vary)
     clean_cache: dict = {}
     rows, results = [], []

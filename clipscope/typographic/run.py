@@ -10,26 +10,39 @@ Configuration keys (YAML or flags; flags win)::
     attack: {mode: targeted, target: ipod, size: 0.2, position: center, colour: black, box: white}
     sweep: {size: [0.1, 0.2, 0.3]}
     defences: [prompt, ablation]   # ablation finds text units at `ablation_site`
-    ablation_site: visual.layer4.0
+    ablation_site: visual.layer4   # default: the image tower's last block
+    ablation_units: 8              # how many text units the ablation defence zeroes
     seed: 0
     out: attack-report
+
+Every key is checked (:func:`check_config`) before the model loads, the sweep before any image is
+encoded. Unreadable images are skipped and listed with their reasons in the report and in
+``skipped.csv``; per-image CSVs are keyed by each image's path.
 """
 from __future__ import annotations
 
 import base64
 import html
+import itertools
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..data import list_image_files
+from ..data import ImageLoadError, iter_images, list_image_files
 from ..io import figure_png, write_text_atomic
+from ..validate import InvalidArgumentError, check_choice, check_int, check_names
 from .attack import Attack
 from .defences import AblationDefence, Defence, PromptDefence, find_text_units
-from .evaluate import SweepResult, evaluate, sweep
+from .evaluate import SweepResult, check_attack_data, check_vary, evaluate, sweep
 from .render import TextStyle
 from .sets import load_materzynska, load_paint, load_rta100, load_scam
 
 FORMATS = {"imagefolder", "paint", "rta100", "scam", "materzynska"}
+DEFENCES = ("prompt", "ablation")
+#: How many text units the ablation defence zeroes by default, and how many images find them.
+ABLATION_UNITS = 8
+ABLATION_IMAGES = 32
 _STYLE_KEYS = set(TextStyle.__dataclass_fields__)
 
 
@@ -37,22 +50,90 @@ def imagefolder(path: str | Path) -> tuple[list[str], list[str]]:
     """Image paths under ``path`` and their labels (the name of each file's parent folder)."""
     files = list_image_files(path)
     if not files:
-        raise ValueError(f"no images under {str(path)!r}")
+        raise InvalidArgumentError("data.path", str(path), "a folder with image files (in one sub-folder per class)")
     return [str(f) for f in files], [f.parent.name for f in files]
 
 
-def build_attack(spec: dict[str, Any]) -> Attack:
+def build_attack(spec: Mapping[str, Any]) -> Attack:
     """An :class:`Attack` from a config mapping (``mode``, ``target``, ``position`` and style fields)."""
-    unknown = set(spec) - _STYLE_KEYS - {"mode", "target", "position"}
+    if not isinstance(spec, Mapping):
+        raise InvalidArgumentError("attack", spec, "a mapping of attack settings (mode, target, position, size, ...)")
+    unknown = sorted(set(spec) - _STYLE_KEYS - {"mode", "target", "position"})
     if unknown:
-        raise ValueError(f"unknown attack key(s) {sorted(unknown)}; valid: "
-                         f"{sorted(_STYLE_KEYS | {'mode', 'target', 'position'})}")
+        raise InvalidArgumentError("attack", dict(spec), f"unknown attack key(s) {unknown}; valid: "
+                                                         f"{sorted(_STYLE_KEYS | {'mode', 'target', 'position'})}")
     style = TextStyle(**{k: v for k, v in spec.items() if k in _STYLE_KEYS})
-    position = spec.get("position", "center")
-    if isinstance(position, list):
-        position = tuple(position)
     mode = spec.get("mode", "targeted" if spec.get("target") else "untargeted")
-    return Attack(mode, spec.get("target"), style, position)
+    return Attack(mode, spec.get("target"), style, spec.get("position", "center"))
+
+
+def _text(parameter: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidArgumentError(parameter, value, "a non-empty string")
+    return value
+
+
+def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    return lambda parameter, value: None if value is None else check(parameter, value)
+
+
+def _data(parameter: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping) or "path" not in value:
+        raise InvalidArgumentError(parameter, value, "a mapping with path (a folder) and optionally format")
+    unknown = sorted(set(value) - {"path", "format"})
+    if unknown:
+        raise InvalidArgumentError(f"{parameter}.{unknown[0]}", value[unknown[0]], "a known data key: format, path")
+    if not isinstance(value["path"], (str, os.PathLike)):
+        raise InvalidArgumentError(f"{parameter}.path", value["path"], "a folder path")
+    fmt = check_choice(f"{parameter}.format", value.get("format", "imagefolder"), sorted(FORMATS))
+    return {"path": value["path"], "format": fmt}
+
+
+def _defences(parameter: str, value: Any) -> list[str]:
+    names = check_names(parameter, value, min_count=0)
+    for name in names:
+        check_choice(parameter, name, DEFENCES)
+    return names
+
+
+def _mapping(parameter: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise InvalidArgumentError(parameter, value, "a mapping")
+    return dict(value)
+
+
+#: One validator per configuration key: ``check(key, value)`` returns the normalized value.
+CONFIG_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "model": _text,
+    "pretrained": _optional(_text),
+    "data": _data,
+    "classes": _optional(check_names),
+    "templates": lambda p, v: v,  # checked by the model, which knows the template sets
+    "attack": _optional(_mapping),
+    "sweep": _optional(_mapping),
+    "defences": _optional(_defences),
+    "ablation_site": _optional(_text),
+    "ablation_units": lambda p, v: check_int(p, v, low=1),
+    "seed": lambda p, v: check_int(p, v),
+    "out": lambda p, v: _text(p, os.fspath(v) if isinstance(v, os.PathLike) else v),
+}
+CONFIG_DEFAULTS: dict[str, Any] = {"model": "organism", "pretrained": None, "classes": None, "templates": None,
+                                   "attack": None, "sweep": None, "defences": None, "ablation_site": None,
+                                   "ablation_units": ABLATION_UNITS, "seed": 0, "out": "attack-report"}
+
+
+def check_config(config: Any) -> dict[str, Any]:
+    """Return ``config`` with every key checked and defaults filled in; raise
+    :class:`~clipscope.validate.InvalidArgumentError` naming the first bad key and its value."""
+    if not isinstance(config, Mapping):
+        raise InvalidArgumentError("config", config, "a mapping of settings (see clipscope.typographic.run)")
+    unknown = sorted(set(config) - set(CONFIG_CHECKS))
+    if unknown:
+        raise InvalidArgumentError(unknown[0], config[unknown[0]], f"a known key: {sorted(CONFIG_CHECKS)}")
+    if "data" not in config:
+        raise InvalidArgumentError("data", None, "a mapping with path (a folder) and optionally format")
+    merged = {**CONFIG_DEFAULTS, **config}
+    return {key: CONFIG_CHECKS[key](key, value) for key, value in merged.items()}
 
 
 def _img(png: bytes) -> str:
@@ -68,61 +149,16 @@ def run_attack_config(config: dict[str, Any], *, progress: bool | None = None, m
     import pandas as pd
 
     import clipscope
-    cfg = dict(config)
-    data = cfg.get("data") or {}
-    if "path" not in data:
-        raise ValueError("config needs data.path (a folder)")
-    fmt = data.get("format", "imagefolder")
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown data format {fmt!r}; valid: {sorted(FORMATS)}")
-    out = Path(cfg.get("out", "attack-report"))
+    cfg = check_config(config)
+    data, fmt = cfg["data"], cfg["data"]["format"]
+    out = Path(cfg["out"])
+    attack = build_attack(cfg["attack"] or {})
     if model is None:
-        model = clipscope.load(cfg.get("model", "organism"), pretrained=cfg.get("pretrained"))
-    templates = cfg.get("templates")
-    seed = int(cfg.get("seed", 0))
-    sections: list[str] = []
-    tables: list[pd.DataFrame] = []
-
+        model = clipscope.load(cfg["model"], pretrained=cfg["pretrained"])
     if fmt != "imagefolder":
-        loader = {"paint": load_paint, "rta100": load_rta100, "scam": load_scam,
-                  "materzynska": load_materzynska}[fmt]
-        tset = loader(data["path"])
-        frame, metrics = tset.evaluate(model, cfg.get("classes"), templates=templates, progress=progress)
-        write_text_atomic(out / "predictions.csv", frame.drop(columns=["image"]).astype(str).to_csv(index=False))
-        tables.append(pd.DataFrame([{"set": tset.name, **metrics}]))
-        skipped = "".join(f"<li>{html.escape(str(k))}: {html.escape(r)}</li>" for k, r in tset.skipped)
-        sections.append(f"<h2>{html.escape(tset.name)} set</h2>{tables[-1].to_html(index=False)}"
-                        f"<p>{len(tset.skipped)} entries skipped</p><ul>{skipped}</ul>")
+        sections, tables = _public_set(model, cfg, out, progress)
     else:
-        images, labels = imagefolder(data["path"])
-        classes = list(cfg.get("classes") or sorted(set(labels)))
-        attack = build_attack(cfg.get("attack") or {})
-        defences: list[Defence] = [Defence()]
-        for name in cfg.get("defences") or []:
-            if name == "prompt":
-                defences.append(PromptDefence())
-            elif name == "ablation":
-                site = cfg.get("ablation_site")
-                if not site:
-                    raise ValueError("the ablation defence needs ablation_site (a site name from model.layers())")
-                from PIL import Image
-                found = find_text_units(model, site, [Image.open(p).convert("RGB") for p in images[:32]],
-                                        classes, k=int(cfg.get("ablation_units", 8)), seed=seed)
-                defences.append(AblationDefence(found.units))
-            else:
-                raise ValueError(f"unknown defence {name!r}; valid: 'prompt', 'ablation'")
-        for defence in defences:
-            result = evaluate(model, images, labels, classes, attack, defence=defence, templates=templates,
-                              seed=seed, progress=progress)
-            tables.append(result.summary())
-            sections.append(f"<h2>{html.escape(result.defence)}</h2>{result._repr_html_()}{_img(figure_png(result.plot()))}"
-                            f"<h3>Per class</h3>{result.per_class().to_html(float_format='{:.3f}'.format)}")
-            write_text_atomic(out / f"images_{defence.name}.csv", result.frame.to_csv(index=False))
-        if cfg.get("sweep"):
-            result: SweepResult = sweep(model, images, labels, classes, attack, cfg["sweep"], templates=templates,
-                                        seed=seed, progress=progress)
-            write_text_atomic(out / "sweep.csv", result.frame.to_csv(index=False))
-            sections.append(f"<h2>Sweep</h2>{_img(figure_png(result.plot()))}{result._repr_html_()}")
+        sections, tables = _imagefolder(model, cfg, attack, out, progress)
     summary = pd.concat(tables, ignore_index=True)
     write_text_atomic(out / "summary.csv", summary.to_csv(index=False))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>typographic attack report</title>"
@@ -130,3 +166,85 @@ def run_attack_config(config: dict[str, Any], *, progress: bool | None = None, m
             f"</head><body><h1>Typographic attack report</h1><p>model: {html.escape(repr(model))}<br>"
             f"data: {html.escape(str(data['path']))} ({html.escape(fmt)})</p>{''.join(sections)}</body></html>")
     return write_text_atomic(out / "index.html", page)
+
+
+def _public_set(model, cfg: dict[str, Any], out: Path, progress: bool | None) -> tuple[list[str], list]:
+    """Evaluate a public attack set; returns the report sections and summary tables."""
+    import pandas as pd
+    loader = {"paint": load_paint, "rta100": load_rta100, "scam": load_scam,
+              "materzynska": load_materzynska}[cfg["data"]["format"]]
+    tset = loader(cfg["data"]["path"])
+    frame, metrics = tset.evaluate(model, cfg["classes"], templates=cfg["templates"], progress=progress)
+    write_text_atomic(out / "predictions.csv", frame.drop(columns=["image"]).astype(str).to_csv(index=False))
+    table = pd.DataFrame([{"set": tset.name, **metrics}])
+    section = (f"<h2>{html.escape(tset.name)} set</h2>{table.to_html(index=False)}"
+               f"{_skipped_html(tset.skipped, 'entries')}")
+    _write_skipped(out, tset.skipped)
+    return [section], [table]
+
+
+def _imagefolder(model, cfg: dict[str, Any], attack: Attack, out: Path,
+                 progress: bool | None) -> tuple[list[str], list]:
+    """Attack an image folder under every defence (and sweep); returns the report sections and summary tables."""
+    images, labels = imagefolder(cfg["data"]["path"])
+    classes, labels = check_attack_data(images, labels, cfg["classes"] or sorted(set(labels)), attack)
+    vary = check_vary(attack, classes, cfg["sweep"]) if cfg["sweep"] else None
+    defences = [Defence()] + [_defence(model, name, cfg, images, classes) for name in cfg["defences"] or []]
+    sections, tables, skipped = [], [], []
+    seed, templates = cfg["seed"], cfg["templates"]
+    for defence in defences:
+        result = evaluate(model, images, labels, classes, attack, defence=defence, templates=templates,
+                          seed=seed, progress=progress)
+        skipped = result.skipped
+        tables.append(result.summary())
+        sections.append(f"<h2>{html.escape(result.defence)}</h2>{result._repr_html_()}{_img(figure_png(result.plot()))}"
+                        f"<h3>Per class</h3>{result.per_class().to_html(float_format='{:.3f}'.format)}")
+        write_text_atomic(out / f"images_{defence.name}.csv", result.frame.to_csv(index=False))
+    if vary:
+        result: SweepResult = sweep(model, images, labels, classes, attack, vary, templates=templates,
+                                    seed=seed, progress=progress)
+        write_text_atomic(out / "sweep.csv", result.frame.to_csv(index=False))
+        sections.append(f"<h2>Sweep</h2>{_img(figure_png(result.plot()))}{result._repr_html_()}")
+    sections.append(_skipped_html(skipped, "image(s)"))
+    _write_skipped(out, skipped)
+    return sections, tables
+
+
+def _defence(model, name: str, cfg: dict[str, Any], images: list[str], classes: list[str]) -> Defence:
+    """The defence called ``name``; the ablation defence finds its text units on the first readable images."""
+    if name == "prompt":
+        return PromptDefence()
+    site = _ablation_site(model, cfg["ablation_site"])
+    readable = (image for _, image in iter_images(images) if not isinstance(image, ImageLoadError))
+    sample = list(itertools.islice(readable, ABLATION_IMAGES))
+    found = find_text_units(model, site, sample, classes, k=cfg["ablation_units"], seed=cfg["seed"])
+    return AblationDefence(found.units)
+
+
+def _ablation_site(model, site: str | None) -> str:
+    """``site``, or by default the image tower's last block, if it is an image-tower site of ``model``."""
+    valid = "an image-tower site from model.layers() (default: the image tower's last block)"
+    if site is None:
+        blocks = model.layers().blocks().names()
+        if not blocks:
+            raise InvalidArgumentError("ablation_site", None, f"{valid}; this model has no blocks to default to")
+        return blocks[-1]
+    try:
+        tower = model.site(site).tower
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError("ablation_site", site, exc.valid) from None
+    if tower != "visual":
+        raise InvalidArgumentError("ablation_site", site, valid)
+    return site
+
+
+def _skipped_html(skipped: list[tuple[Any, str]], what: str) -> str:
+    """A report section listing the skipped items with their reasons."""
+    items = "".join(f"<li>{html.escape(str(k))}: {html.escape(str(r))}</li>" for k, r in skipped)
+    return f"<h2>Skipped {what}</h2><p>{len(skipped)} {what} skipped (unreadable)</p><ul>{items}</ul>"
+
+
+def _write_skipped(out: Path, skipped: list[tuple[Any, str]]) -> None:
+    """``skipped.csv``: one row per skipped item, its key (path) and the reason."""
+    import pandas as pd
+    write_text_atomic(out / "skipped.csv", pd.DataFrame(skipped, columns=["key", "reason"]).to_csv(index=False))
