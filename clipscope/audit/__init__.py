@@ -3,7 +3,7 @@
 Entry point: :func:`run_audit` (a YAML spec path, YAML text, a dict or an :class:`AuditSpec`) returns an
 :class:`AuditResult`. Modules: ``spec`` (YAML specs with line-numbered errors), ``adapters`` (FairFace,
 ``datasets``, imagefolder, organism figures), ``cache`` (on-disk embedding cache, resumable),
-``metrics`` (disaggregated rates, bootstrap intervals, tests, MaxSkew@k, NDKL), ``compare``
+``metrics`` (disaggregated rates, score and bootstrap intervals, tests, MaxSkew@k, NDKL), ``compare``
 (taxonomy comparison), ``plots``, ``report`` (HTML / Markdown), ``run`` (orchestration and CLI).
 """
 from .adapters import AuditData, load_data

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import write_bytes_atomic, write_text_atomic
+from ..io import ensure_folder, write_bytes_atomic, write_text_atomic
 from .adapters import AuditData
 
 CACHE_VERSION = 1
@@ -70,7 +70,7 @@ def embed_cached(model, data: AuditData, cache_dir: str | Path, *, chunk_size: i
     from tqdm.auto import tqdm
 
     folder = Path(cache_dir) / cache_key(model.id, data.fingerprint, chunk_size)
-    folder.mkdir(parents=True, exist_ok=True)
+    ensure_folder(folder)
     n = len(data)
     n_chunks = (n + chunk_size - 1) // chunk_size
     manifest = {"version": CACHE_VERSION, "model_id": model.id, "data_fingerprint": data.fingerprint,

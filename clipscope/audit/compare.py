@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .metrics import _ci, mcnemar_p
+from .metrics import mcnemar_p, percentile_interval
 
 
 def paired_changes(model: str, grouping: str, labels: np.ndarray, outcomes: dict, samples: dict,
@@ -38,7 +38,8 @@ def paired_changes(model: str, grouping: str, labels: np.ndarray, outcomes: dict
                 b = int((ya & ~yb & m).sum())
                 c = int((~ya & yb & m).sum())
                 sa, sb = samples.get(((base, o), g)), samples.get(((other, o), g))
-                lo, hi = _ci(sb - sa, confidence) if sa is not None and sb is not None and len(sa) else (np.nan, np.nan)
+                paired = sa is not None and sb is not None and len(sa)
+                lo, hi = percentile_interval(sb - sa, confidence) if paired else (np.nan, np.nan)
                 rows.append({"model": model, "outcome": o, "grouping": grouping, "group": g,
                              "taxonomy_a": base, "taxonomy_b": other, "n": n, "rate_a": ra, "rate_b": rb,
                              "change": rb - ra, "change_ci_low": lo, "change_ci_high": hi,

@@ -1,17 +1,22 @@
-"""Audit metrics: disaggregated rates with bootstrap intervals, significance tests, retrieval skew.
+"""Audit metrics: disaggregated rates with score and bootstrap intervals, significance tests, retrieval skew.
 
 Classification side (:func:`disaggregate`): for binary per-image outcomes (``assigned a harmful
 class``, ``correct``), the rate in every group with its Wilson score interval, the group's difference
 to the rest of the data (all other groups pooled) with Newcombe's score interval for a difference of
 two independent proportions, the ratio to the rest with a percentile-bootstrap interval, Fisher's exact test and a
 two-proportion z-test of the gap (two-sided, Holm-adjusted across the groups of one grouping), and
-for the grouping as a whole the largest gap (max - min), the smallest ratio (min / max) and a
-chi-square test of homogeneity. Point estimates come from fairlearn's ``MetricFrame``.
+for the grouping as a whole the largest gap (max - min) and the smallest ratio (min / max) with
+simultaneous score intervals (:func:`max_gap_interval`, :func:`min_ratio_interval`) and a chi-square
+test of homogeneity.
+Point estimates come from fairlearn's ``MetricFrame``.
 
 Score intervals rather than the bootstrap for rates and differences: at a rate of 0 or 1 (a group
 never or always labelled "thief") every bootstrap resample has the same rate, so a percentile
 interval collapses to a point and claims a certainty 200 images cannot give; the Wilson interval
-for 0 of 200 is [0, 0.019] at 95%. Gaps, ratios and changes keep the bootstrap, which pairs them.
+for 0 of 200 is [0, 0.019] at 95%. The largest gap and smallest ratio cannot use a percentile
+bootstrap of max - min or min / max either: those statistics never cross 0 and 1, so their intervals
+exclude "no disparity" even when every group has the same rate. The ratio to the rest and taxonomy
+changes keep the bootstrap, which pairs them.
 
 The bootstrap resamples images *within each group* (group sizes fixed), with draws that depend only
 on ``(seed, grouping, group)``. Every outcome computed for the same rows therefore uses the same
@@ -129,7 +134,8 @@ def bootstrap_group_sums(y: np.ndarray, valid: np.ndarray, members: np.ndarray, 
     return ks, ns
 
 
-def _ci(samples: np.ndarray, confidence: float) -> tuple[float, float]:
+def percentile_interval(samples: np.ndarray, confidence: float) -> tuple[float, float]:
+    """Percentile interval of bootstrap ``samples`` (non-finite ones dropped); ``(nan, nan)`` when none are left."""
     s = np.asarray(samples, float)
     s = s[np.isfinite(s)]
     if len(s) == 0:
@@ -162,6 +168,47 @@ def newcombe_diff(k1: int, n1: int, k2: int, n2: int, confidence: float = 0.95) 
     return (d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
 
 
+def max_gap_interval(k: Sequence[int], n: Sequence[int], confidence: float = 0.95) -> tuple[float, float]:
+    """Simultaneous interval of the largest gap between group rates, ``max_i k_i/n_i - min_j k_j/n_j``.
+
+    Every pair of groups gets Newcombe's hybrid score interval for its difference (Newcombe, 1998,
+    Statistics in Medicine 17:873-890, method 10) at the Bonferroni-adjusted confidence
+    ``1 - (1 - confidence) / m`` for ``m`` pairs. With at least ``confidence`` probability every
+    pairwise difference then lies in its interval, so the largest gap lies between the largest lower
+    limit and the largest upper limit, whichever pairs attain them. A gap cannot be negative, so the
+    lower limit is clipped at 0: it is 0 when the data are consistent with no gap (and always when
+    every group has the same rate). Returns ``(low, high)`` in rate units; ``(nan, nan)`` with fewer
+    than two groups that have rows (``n > 0``).
+    """
+    kept = [(int(ki), int(ni)) for ki, ni in zip(k, n) if ni > 0]
+    m = len(kept) * (len(kept) - 1) // 2
+    if m == 0:
+        return float("nan"), float("nan")
+    adjusted = 1 - (1 - confidence) / m
+    limits = [newcombe_diff(k1, n1, k2, n2, adjusted) for i, (k1, n1) in enumerate(kept)
+              for j, (k2, n2) in enumerate(kept) if i != j]
+    return max(0.0, max(lo for lo, _ in limits)), min(1.0, max(hi for _, hi in limits))
+
+
+def min_ratio_interval(k: Sequence[int], n: Sequence[int], confidence: float = 0.95) -> tuple[float, float]:
+    """Simultaneous interval of the smallest ratio between group rates, ``min_i p_i / max_j p_j``.
+
+    Every group's rate gets a Wilson score interval ``[l_i, u_i]`` at the Bonferroni-adjusted confidence
+    ``1 - (1 - confidence) / g`` for ``g`` groups; with at least ``confidence`` probability every rate
+    lies in its interval, and then the smallest ratio lies in ``[min l / max u, min u / max l]``. A
+    ratio of the lowest to the highest rate cannot exceed 1, so the upper limit is clipped at 1: it is
+    1 when the data are consistent with no disparity. Returns ``(low, high)`` as ratios;
+    ``(nan, nan)`` with fewer than two groups that have rows (``n > 0``).
+    """
+    kept = [(int(ki), int(ni)) for ki, ni in zip(k, n) if ni > 0]
+    if len(kept) < 2:
+        return float("nan"), float("nan")
+    limits = [wilson(ki, ni, 1 - (1 - confidence) / len(kept)) for ki, ni in kept]
+    low = min(lo for lo, _ in limits) / max(hi for _, hi in limits)
+    top = max(lo for lo, _ in limits)
+    return low, 1.0 if top == 0 else min(1.0, min(hi for _, hi in limits) / top)
+
+
 def group_labels(frame: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
     """One label per row for a grouping: the column's value, or the values joined by ' × '."""
     if len(columns) == 1:
@@ -171,7 +218,7 @@ def group_labels(frame: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
 
 def disaggregate(outcomes: Mapping[str, tuple[np.ndarray, np.ndarray]], labels: np.ndarray, *,
                  grouping: str, n_boot: int = 1000, seed: int = 0, confidence: float = 0.95):
-    """Per-group rates of binary outcomes with bootstrap intervals and significance tests.
+    """Per-group rates of binary outcomes with score and bootstrap intervals and significance tests.
 
     ``outcomes`` maps a name to ``(y, valid)`` boolean arrays over the same rows (``valid`` False
     removes a row from that outcome, e.g. a missing label). ``labels`` is the group of each row.
@@ -239,7 +286,7 @@ def disaggregate(outcomes: Mapping[str, tuple[np.ndarray, np.ndarray]], labels: 
                 z, pz = two_proportion_z(k, n, kr, nr)
                 lo, hi = wilson(k, n, confidence)
                 dlo, dhi = newcombe_diff(k, n, kr, nr, confidence)
-                rlo, rhi = _ci(r_star, confidence)
+                rlo, rhi = percentile_interval(r_star, confidence)
                 group_rows.append({
                     "outcome": name, "grouping": grouping, "group": g, "n": n, "count": k, "rate": rate,
                     "ci_low": lo, "ci_high": hi, "rest_rate": rest,
@@ -252,12 +299,8 @@ def disaggregate(outcomes: Mapping[str, tuple[np.ndarray, np.ndarray]], labels: 
             for r, p in zip(group_rows, adj):
                 r["p_fisher_holm"] = float(p)
             rows += group_rows
-            if groups and n_boot:
-                P = np.stack([p_star[g] for g in groups if ns[g] > 0]) if any(ns.values()) else np.zeros((1, n_boot))
-                gap_lo, gap_hi = _ci(np.nanmax(P, 0) - np.nanmin(P, 0), confidence)
-                ratio_lo, ratio_hi = _ci(np.nanmin(P, 0) / np.nanmax(P, 0), confidence)
-            else:
-                gap_lo = gap_hi = ratio_lo = ratio_hi = float("nan")
+            gap_lo, gap_hi = max_gap_interval([ks[g] for g in groups], [ns[g] for g in groups], confidence)
+            ratio_lo, ratio_hi = min_ratio_interval([ks[g] for g in groups], [ns[g] for g in groups], confidence)
             summary.append({"outcome": name, "grouping": grouping, "n": N, "count": K, "overall": overall,
                             "max_gap": gap, "max_gap_ci_low": gap_lo, "max_gap_ci_high": gap_hi,
                             "min_ratio": ratio_min_max, "min_ratio_ci_low": ratio_lo, "min_ratio_ci_high": ratio_hi,

@@ -41,6 +41,7 @@ def plot_comparison(table: pd.DataFrame, taxonomies: Sequence[str], *, outcome: 
     else:
         fig, axes = ax.figure, [ax]
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    drawn = {}  # taxonomy -> one of its bar containers, so the legend lists every taxonomy of every panel
     for a, o in zip(axes, outcomes):
         sub = t[t["outcome"] == o]
         groups = sorted(sub["group"].unique())
@@ -53,40 +54,62 @@ def plot_comparison(table: pd.DataFrame, taxonomies: Sequence[str], *, outcome: 
             rate = s["rate"].to_numpy(float)
             err = np.vstack([rate - s["ci_low"].to_numpy(float), s["ci_high"].to_numpy(float) - rate])
             err = np.where(np.isfinite(err), np.clip(err, 0, None), 0)
-            a.bar(x, rate, width, yerr=err, capsize=3, label=_t(tax), color=colours[i % len(colours)])
+            drawn.setdefault(tax, a.bar(x, rate, width, yerr=err, capsize=3, label=_t(tax),
+                                        color=colours[i % len(colours)]))
         a.set_xticks(np.arange(len(groups)), [_t(g) for g in groups], rotation=30 if len(groups) > 4 else 0,
                      ha="right" if len(groups) > 4 else "center", fontsize=8)
         a.set_title(_t(o), fontsize=9)
         a.set_xlabel(_t(grouping))
         a.set_ylabel("rate")
         a.set_ylim(0, min(1.0, max(0.05, float(np.nanmax(sub["ci_high"].to_numpy(float), initial=0)) * 1.15)))
-    if axes:
-        axes[0].legend(fontsize=8, title="taxonomy", title_fontsize=8)
     if title:
         fig.suptitle(_t(title), fontsize=10)
     fig.tight_layout()
+    if axes and drawn:  # outside the panels (after the layout, so it widens the saved figure): never over a bar
+        axes[-1].legend(handles=list(drawn.values()), fontsize=8, title="taxonomy", title_fontsize=8,
+                        loc="upper left", bbox_to_anchor=(1.02, 1))
     return fig
 
 
-def plot_class_shares(shares: pd.DataFrame, taxonomies: Sequence[str], grouping: str | None = None):
-    """Stacked bars: the share of each predicted class per group, one panel per taxonomy."""
+def class_colours(classes: Sequence[str]) -> dict[str, tuple]:
+    """One RGBA colour per class name, distinct for every class (tab10, tab20, then an even spread of turbo)."""
     import matplotlib.pyplot as plt
+    names = list(dict.fromkeys(classes))
+    if len(names) <= 20:
+        cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+        return {c: cmap(j) for j, c in enumerate(names)}
+    cmap = plt.get_cmap("turbo")
+    return {c: cmap(j / (len(names) - 1)) for j, c in enumerate(names)}
+
+
+def plot_class_shares(shares: pd.DataFrame, taxonomies: Sequence[str], grouping: str | None = None):
+    """Stacked bars: the share of each predicted class per group, one panel per taxonomy.
+
+    A class has the same colour in every panel; a panel stacks only its own taxonomy's classes (a
+    class a taxonomy lacks gets no band there) and one legend lists every class shown. Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
     grouping = _pick_grouping(shares, grouping)
-    t = shares[shares["grouping"] == grouping]
+    t = shares[(shares["grouping"] == grouping) & shares["taxonomy"].isin(list(taxonomies))]
+    colours = class_colours(t["class"])
+    groups = sorted(t["group"].unique())
     fig, axes = plt.subplots(1, len(taxonomies), figsize=(3.6 * len(taxonomies), 3.2), squeeze=False, sharey=True)
-    cmap = plt.get_cmap("tab20")
     for a, tax in zip(axes[0], taxonomies):
-        s = t[t["taxonomy"] == tax].pivot_table(index="group", columns="class", values="share", aggfunc="first").fillna(0)
-        bottom = np.zeros(len(s))
-        for j, c in enumerate(s.columns):
-            a.bar(range(len(s)), s[c].to_numpy(), bottom=bottom, label=_t(c), color=cmap(j % 20))
-            bottom += s[c].to_numpy()
-        a.set_xticks(range(len(s)), [_t(g) for g in s.index], fontsize=8)
+        sub = t[t["taxonomy"] == tax]
+        bottom = np.zeros(len(groups))
+        for c in dict.fromkeys(sub["class"]):
+            share = sub[sub["class"] == c].set_index("group")["share"].reindex(groups).fillna(0).to_numpy(float)
+            a.bar(range(len(groups)), share, bottom=bottom, color=colours[c])
+            bottom += share
+        a.set_xticks(range(len(groups)), [_t(g) for g in groups], fontsize=8)
         a.set_title(_t(tax), fontsize=9)
         a.set_xlabel(_t(grouping))
     axes[0][0].set_ylabel("share of predictions")
-    axes[0][-1].legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.tight_layout()
+    handles = [Patch(facecolor=colour, label=_t(c)) for c, colour in colours.items()]
+    fig.legend(handles=handles, title="predicted class", fontsize=7, title_fontsize=7, loc="upper left",
+               bbox_to_anchor=(1.0, 0.95))  # after the layout, outside the panels: widens the saved figure
     return fig
 
 

@@ -30,7 +30,18 @@ _METHODS = (
     "Rates are the share of audited images in a group whose zero-shot prediction falls in a category "
     "(harm) or is a correct class for the image's label (accuracy). A group's rate has a Wilson score "
     "interval and its difference to the rest a Newcombe score interval (both honest at rates of 0 or 1, where "
-    "a bootstrap interval collapses to a point); ratios, gaps and changes have percentile bootstrap "
+    "a bootstrap interval collapses to a point). The largest gap between the groups of a grouping (max_gap, "
+    "highest rate minus lowest) has a simultaneous interval: every pair of groups gets a Newcombe score interval "
+    "for its difference (Newcombe 1998, method 10) at Bonferroni-adjusted confidence 1 - (1 - confidence) / m for "
+    "m pairs, and the gap lies between the largest lower and the largest upper limit. A gap cannot be negative, "
+    "so the lower limit is clipped at 0; a lower limit of 0 means the data are consistent with no gap, and the "
+    "chi-square p-value beside it tests that directly. The smallest ratio (min_ratio, lowest rate over highest) "
+    "likewise comes from Wilson intervals of every group's rate at Bonferroni-adjusted confidence "
+    "1 - (1 - confidence) / g for g groups (lowest lower limit over highest upper limit, up to lowest upper "
+    "over highest lower, at most 1); an upper limit of 1 means the data are consistent with no disparity. "
+    "(Percentile bootstraps of max - min and min / max cannot be used: they never cross 0 and 1, so their "
+    "intervals exclude 'no disparity' even when every group has the same rate.) Ratios to the rest and changes "
+    "have percentile bootstrap "
     "intervals at the stated confidence, resampling images within each group (group sizes fixed) with seeded "
     "draws; the same resamples are used for every taxonomy, so intervals for changes between taxonomies are "
     "paired. 'diff vs rest' compares a group with all other groups pooled; p-values are two-sided Fisher "
@@ -204,10 +215,13 @@ def render_markdown(result, figure_files: bool = False) -> str:
 
 
 def write_report(result, out=None) -> Path:
-    """Write ``report.html``, ``report.md``, the CSV tables, ``provenance.json`` and ``spec.yaml``; returns the folder."""
+    """Write ``report.html``, ``report.md``, the CSV tables, ``provenance.json`` and ``spec.yaml``; returns the folder.
+
+    The folder is created if missing; every file is written atomically through :mod:`clipscope.io`, so a
+    folder that cannot be written raises :class:`~clipscope.io.OutputError` naming the file and the cause.
+    """
     from .spec import expand_path
     folder = Path(expand_path(str(out))) if out is not None else (result.output_dir or Path(result.spec.output))
-    folder.mkdir(parents=True, exist_ok=True)
     tables = {"groups.csv": result.groups, "summary.csv": result.summary, "changes.csv": result.changes,
               "class_shares.csv": result.class_shares, "retrieval.csv": result.retrieval,
               "skipped.csv": result.skipped, "label_issues.csv": result.label_issues,
@@ -217,6 +231,6 @@ def write_report(result, out=None) -> Path:
     write_text_atomic(folder / "spec.yaml", result.spec.to_yaml())
     write_text_atomic(folder / "provenance.json", json.dumps(result.provenance, indent=1, default=str))
     write_text_atomic(folder / "report.md", render_markdown(result))
-    write_bytes_atomic(folder / "report.html", render_html(result).encode("utf-8"))
+    write_text_atomic(folder / "report.html", render_html(result))
     result.output_dir = folder
     return folder

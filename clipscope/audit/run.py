@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ import pandas as pd
 import torch
 
 from .. import prompts
+from ..io import OutputError
 from .adapters import KEY, ROW, load_data
 from .cache import embed_cached
 from .compare import paired_changes
@@ -77,26 +79,45 @@ def _outcomes_for(spec: AuditSpec, tax, pred: np.ndarray, frame: pd.DataFrame, m
     return out
 
 
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed, then create and remove a probe file in it.
+
+    Raises :class:`~clipscope.io.OutputError` naming the folder and the cause (a parent that is a
+    file, a read-only file system, no permission, a full disk) so an audit fails before it encodes.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".clipscope-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(folder, exc) from exc
+
+
 def run_audit(spec_or_path: str | os.PathLike | AuditSpec | dict, *, out: str | os.PathLike | None = None,
               cache_dir: str | os.PathLike | None = None, models: Sequence[Any] | None = None,
               write: bool = True, progress: bool | None = None) -> AuditResult:
     """Run the audit a spec describes and return an :class:`~clipscope.audit.AuditResult`.
 
-    ``spec_or_path``: a YAML path, YAML text, a dict or an :class:`AuditSpec`. ``out`` overrides the
-    spec's output folder; ``cache_dir`` its embedding cache (default ``OUTPUT/cache``, or
-    ``$CLIPSCOPE_AUDIT_CACHE``). ``models`` replaces the spec's models (names, :class:`ModelSpec` or
-    loaded :class:`~clipscope.ClipModel` objects). ``write=False`` skips writing the report.
+    ``spec_or_path``: a YAML path, YAML text, a dict or an :class:`AuditSpec` (see :func:`load_spec`
+    for how paths in it resolve). ``out`` overrides the spec's output folder; ``cache_dir`` its
+    embedding cache (default: the spec's ``cache_dir``, else ``$CLIPSCOPE_AUDIT_CACHE``, else
+    ``OUTPUT/cache``). ``models`` replaces the spec's models (names, :class:`ModelSpec` or loaded
+    :class:`~clipscope.ClipModel` objects). ``write=False`` skips writing the report.
+
+    The output folder (when writing) and the cache folder are checked for writing before the data
+    are read or any image is encoded: :class:`~clipscope.io.OutputError` names the folder and the cause.
     """
     from tqdm.auto import tqdm
 
     spec = load_spec(spec_or_path)
     t_start = time.perf_counter()
     out_dir = Path(expand_path(str(out) if out is not None else spec.output))
-    cache = Path(expand_path(str(cache_dir))) if cache_dir is not None else (
-        Path(expand_path(os.environ["CLIPSCOPE_AUDIT_CACHE"])) if os.environ.get("CLIPSCOPE_AUDIT_CACHE")
-        else out_dir / "cache")
+    cache = _cache_folder(cache_dir, spec, out_dir)
+    for folder in ([out_dir] if write else []) + [cache]:
+        check_writable(folder)
     metric_set = spec.metric_set()
-    data = load_data(spec.data)
+    data = _load_data(spec)
     for t in spec.taxonomies:  # label columns must exist before any encoding starts
         for task, lab in t.labels.items():
             if "accuracy" in metric_set and lab.column not in data.columns:
@@ -219,15 +240,36 @@ def run_audit(spec_or_path: str | os.PathLike | AuditSpec | dict, *, out: str | 
     return result
 
 
+def _cache_folder(cache_dir: str | os.PathLike | None, spec: AuditSpec, out_dir: Path) -> Path:
+    """The embedding cache folder: the argument, else the spec's ``cache_dir``, else ``$CLIPSCOPE_AUDIT_CACHE``,
+    else ``OUTPUT/cache``."""
+    for choice in (cache_dir, spec.cache_dir, os.environ.get("CLIPSCOPE_AUDIT_CACHE") or None):
+        if choice is not None:
+            return Path(expand_path(str(choice)))
+    return out_dir / "cache"
+
+
+def _load_data(spec: AuditSpec):
+    """The spec's data set; a missing file or folder's error says which folder relative paths resolved against."""
+    try:
+        return load_data(spec.data)
+    except FileNotFoundError as exc:
+        if spec.source_dir is None:
+            raise
+        raise FileNotFoundError(f"{exc} (relative paths in an audit spec resolve against its folder, "
+                                f"{str(spec.source_dir)!r})") from exc
+
+
 def cli_audit(spec_path: str, out: str | None = None) -> int:
     """``clipscope audit SPEC.yaml [--out DIR]``: run the audit, write the report, print a summary.
 
-    Returns the process exit code: 0 on success, 2 for an invalid spec or data set (message on stderr).
+    Returns the process exit code: 0 on success, 2 for an invalid spec or data set or a resource fault
+    (an ``OSError``: a missing file, an unwritable output or cache folder); the message goes to stderr.
     """
     from ..hub import UnknownModelError, UnsafeCheckpointError, WeightsNotAvailableError
     try:
         result = run_audit(spec_path, out=out)
-    except (SpecError, FileNotFoundError, ValueError, UnknownModelError, WeightsNotAvailableError,
+    except (SpecError, OSError, ValueError, UnknownModelError, WeightsNotAvailableError,
             UnsafeCheckpointError) as exc:
         print(f"clipscope audit: {exc}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 #: Data set adapter kinds (see :mod:`clipscope.audit.adapters`).
 ADAPTER_KINDS = ("fairface", "hf", "imagefolder", "organism_figures")
@@ -55,7 +55,7 @@ class DataSpec(_Strict):
     limit: int | None = Field(default=None, gt=0)  # audit only the first `limit` rows (smoke runs)
     group_columns: list[str] = Field(min_length=1)
     intersections: Literal["pairs", "none"] | list[list[str]] = "pairs"
-    data_card: str | None = None
+    data_card: str | None = None     # a reference for the reader (repository path or URL), shown as written
 
 
 class LabelSpec(_Strict):
@@ -125,6 +125,12 @@ class AuditSpec(_Strict):
     chunk_size: int = Field(default=512, gt=0)
     device: str = "auto"
     notes: str | None = None
+    _source_dir: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source_dir(self) -> Path | None:
+        """The folder of the spec file its relative paths were resolved against; None for a spec from text or a dict."""
+        return self._source_dir
 
     # -- derived ------------------------------------------------------------------------
     def groupings(self) -> list[tuple[str, ...]]:
@@ -328,8 +334,13 @@ def _valid_fields_hint(loc: tuple) -> str:
 def load_spec(spec: str | os.PathLike | AuditSpec | dict) -> AuditSpec:
     """Return an :class:`AuditSpec` from a YAML path, YAML text, a dict or a spec (returned as is).
 
-    Paths inside a spec (data ``path``, ``output``, ``cache_dir``, ``data_card``) may use ``~`` and
-    ``$VARS``; relative paths are relative to the current working directory.
+    Paths inside a spec (data ``path``, ``output``, ``cache_dir``) may use ``~`` and ``$VARS``. In a
+    spec read from a file, relative paths are resolved against the file's folder (so a spec runs the
+    same from any working directory) and stored absolute; ``source_dir`` records that folder. The
+    default ``output`` (``audit-out``, when the spec sets none) stays relative to the working directory. For
+    ``kind: hf`` a relative ``path`` is resolved only if that folder exists there: otherwise it is a
+    hub id. A path with an unset variable stays as written, so the error that follows shows it. In a
+    spec given as text or a dict, relative paths are relative to the working directory.
     """
     if isinstance(spec, AuditSpec):
         return spec
@@ -340,7 +351,23 @@ def load_spec(spec: str | os.PathLike | AuditSpec | dict) -> AuditSpec:
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"no such audit spec: {str(path)!r}")
-    return parse_spec(path.read_text(encoding="utf-8"), str(path))
+    return resolve_paths(parse_spec(path.read_text(encoding="utf-8"), str(path)), Path(os.path.abspath(path)).parent)
+
+
+def resolve_paths(spec: AuditSpec, folder: Path) -> AuditSpec:
+    """A copy of ``spec`` whose relative paths (data ``path``, a set ``output``, ``cache_dir``) are absolute
+    under ``folder``; ``source_dir`` is set to ``folder``."""
+    def resolve(p: str | None, must_exist: bool = False) -> str | None:
+        e = expand_path(p)
+        if e is None or "$" in e or os.path.isabs(e) or (must_exist and not (folder / e).exists()):
+            return e
+        return os.path.normpath(folder / e)
+
+    data = spec.data.model_copy(update={"path": resolve(spec.data.path, must_exist=spec.data.kind == "hf")})
+    output = resolve(spec.output) if "output" in spec.model_fields_set else spec.output
+    out = spec.model_copy(update={"data": data, "output": output, "cache_dir": resolve(spec.cache_dir)})
+    out._source_dir = folder
+    return out
 
 
 def expand_path(p: str | None) -> str | None:
