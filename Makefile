@@ -7,7 +7,7 @@ CHROMIUM ?= /usr/bin/chromium
 # the model `make lab` opens the notebooks on
 CLIPSCOPE_MODEL ?= organism
 
-.PHONY: demo test bench install chromium lab clean
+.PHONY: demo test wheel-check bench install chromium lab clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,25 @@ test: install chromium
 	echo "suite time: $$(( $$(date +%s) - start )) s"; \
 	exit $$status
 
+## make wheel-check: build the sdist and, from it, the wheel; install the wheel alone into a fresh venv that takes
+## its dependencies from $(VENV) (a .pth file; clipscope only from the wheel); run `clipscope demo` outside the checkout
+wheel-check: install
+	@set -eu; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; log="$$tmp/log"; venv="$$tmp/venv"; \
+	fail() { echo "wheel-check: $$1"; tail -n 20 "$$log"; exit 1; }; \
+	$(PY) -m build --no-isolation -o "$$tmp/dist" . >"$$log" 2>&1 || fail "the build failed"; \
+	$(PY) -m venv --without-pip "$$venv"; \
+	purelib='import sysconfig; print(sysconfig.get_path("purelib"))'; \
+	$(PY) -c "$$purelib" >"$$("$$venv/bin/python" -c "$$purelib")/clipscope-deps.pth"; \
+	$(PY) -m pip --python "$$venv/bin/python" install --quiet --no-deps --no-index "$$tmp"/dist/*.whl; \
+	mkdir "$$tmp/run"; cd "$$tmp/run"; unset PYTHONPATH; \
+	where=$$("$$venv/bin/python" -c 'import clipscope; print(clipscope.__file__)'); \
+	case "$$where" in "$$venv/"*) ;; *) echo "wheel-check: clipscope came from $$where, not the wheel"; exit 1;; esac; \
+	echo "wheel-check: $$(basename "$$tmp"/dist/*.whl): $$("$$venv/bin/clipscope" --version) from $$where"; \
+	"$$venv/bin/clipscope" demo --out report --steps 8 >"$$log" 2>&1 || fail "clipscope demo failed"; \
+	for f in index.html atlas/index.html attack/index.html audit/report.html; do \
+	  test -s "report/$$f" || fail "report/$$f is missing"; done; \
+	echo "wheel-check: \`clipscope demo\` ran outside the checkout and wrote its report ($$(tail -n 1 "$$log" | cut -d';' -f1))"
+
 ## make lab: install, then start JupyterLab on notebooks/ (CLIPSCOPE_MODEL defaults to organism; LAB_ARGS="--no-browser --port 8889" for more)
 lab: install
 	CLIPSCOPE_MODEL=$(CLIPSCOPE_MODEL) $(PY) -m jupyterlab --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
@@ -60,6 +79,8 @@ bench: install
 	$(PY) bench/typographic_throughput.py
 	$(PY) bench/optvis_vs_lucent.py
 	$(PY) bench/audit_cache.py
+	$(PY) bench/mining_throughput.py
+	$(PY) bench/image_loading.py
 
 clean:
 	rm -rf $(VENV) clipscope-demo .pytest_cache test-artifacts

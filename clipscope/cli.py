@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -22,15 +23,20 @@ def _load(args):
 
 def cmd_score(args) -> int:
     from .scoring import score
-    results = score(args.request, _load(args), batch_size=args.batch_size)
+    results = score(args.request, _load(args), batch_size=args.batch_size, allow_local_files=not args.untrusted,
+                    url_timeout=args.url_timeout, max_url_bytes=args.max_url_bytes)
     text = json.dumps(results, indent=2)
+    bad = sum(1 for r in results if "error" in r)
     if args.output:
         from .io import write_text_atomic
         write_text_atomic(args.output, text)
-        bad = sum(1 for r in results if "error" in r)
         print(f"scored {len(results) - bad} row(s), {bad} bad row(s) -> {args.output}")
     else:
         print(text)
+    if bad == len(results):
+        print(f"clipscope: error: every row failed ({bad} of {len(results)} row(s)); first: {results[0]['error']}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -43,13 +49,10 @@ def cmd_layers(args) -> int:
 
 
 def cmd_attack(args) -> int:
-    import yaml
+    import pandas as pd
 
     from .typographic.run import run_attack_config
-    config = {}
-    if args.config:
-        with open(args.config) as fh:
-            config = yaml.safe_load(fh) or {}
+    config = _attack_config_file(args.config) if args.config else {}
     data = dict(config.get("data") or {})
     if args.folder:
         data["path"] = args.folder
@@ -60,22 +63,48 @@ def cmd_attack(args) -> int:
     for key in ("target", "size", "position", "colour", "opacity"):
         if getattr(args, key) is not None:
             attack[key] = getattr(args, key)
+    if isinstance(attack.get("position"), str) and "," in attack["position"]:
+        attack["position"] = tuple(_number(v) for v in attack["position"].split(","))
     config["attack"] = attack
-    if args.classes:
-        config["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
+    if args.classes is not None:
+        config["classes"] = [c.strip() for c in args.classes.split(",")]
     if args.sweep:
-        name, _, values = args.sweep.partition("=")
-        config["sweep"] = {name: [_number(v) for v in values.split(",")]}
-    if args.defence:
-        config["defences"] = args.defence
-    if args.out:
-        config["out"] = args.out
-    for key in ("model", "pretrained"):
-        if getattr(args, key) is not None:
-            config[key] = getattr(args, key)
+        config["sweep"] = _sweep_flag(args.sweep)
+    flags = {"defences": args.defence, "out": args.out, "model": args.model, "pretrained": args.pretrained,
+             "ablation_site": args.ablation_site, "ablation_units": args.ablation_units, "seed": args.seed}
+    config.update({key: value for key, value in flags.items() if value is not None})
     index = run_attack_config(config)
+    skipped = pd.read_csv(index.parent / "skipped.csv")
     print(f"report: {index.resolve()}")
+    if len(skipped):
+        print(f"skipped {len(skipped)} unreadable image(s), listed with reasons in {index.parent / 'skipped.csv'}")
     return 0
+
+
+def _attack_config_file(path: str) -> dict:
+    """The settings mapping in the YAML file ``path``."""
+    import yaml
+
+    from .validate import InvalidArgumentError
+    with open(path) as fh:
+        try:
+            config = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            raise InvalidArgumentError("--config", path, f"a YAML file ({exc})") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise InvalidArgumentError("--config", path, "a YAML mapping of settings (model, data, attack, ...)")
+    return config
+
+
+def _sweep_flag(text: str) -> dict:
+    """``--sweep NAME=V1,V2,...`` as ``{NAME: [V1, V2, ...]}`` (numbers where they parse)."""
+    from .validate import InvalidArgumentError
+    name, equals, values = text.partition("=")
+    if not equals or not name.strip() or not values.strip():
+        raise InvalidArgumentError("--sweep", text, "NAME=V1,V2,... e.g. size=0.1,0.2,0.3")
+    return {name.strip(): [_number(v) for v in values.split(",")]}
 
 
 def _number(text: str):
@@ -120,6 +149,7 @@ def cmd_visualize(args) -> int:
     from .io import figure_png, write_bytes_atomic
     if (args.site is None) == (not args.prompt):
         raise ValueError("give either --site (with --units) or --prompt, not both")
+    os.makedirs(args.out, exist_ok=True)  # an unwritable --out fails now, not after the optimization
     model = _load(args)
     if args.prompt:
         objective = optvis.text_direction(model, args.prompt)
@@ -159,8 +189,12 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     parser = argparse.ArgumentParser(prog="clipscope", description="Look inside CLIP models and test them.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version (clipscope X.Y.Z) and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="what to run; `clipscope COMMAND --help` describes its options")
 
     p = sub.add_parser("demo", help="run the main job on a model and write a report folder")
     _model_args(p)
@@ -174,38 +208,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append",
                    help="render the text direction of this prompt instead (repeat to average prompts)")
     p.add_argument("--batch", type=int, default=4, help="images per prompt (default 4)")
-    p.add_argument("--steps", type=int, default=256)
-    p.add_argument("--param", choices=["fourier", "maco", "pixels"], default="fourier")
+    p.add_argument("--steps", type=int, default=256, help="optimization steps (default 256)")
+    p.add_argument("--param", choices=["fourier", "maco", "pixels"], default="fourier",
+                   help="image parameterization: fourier (default), maco (only the Fourier phase is optimized) "
+                        "or pixels")
     p.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's input size)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the initial images and the random transforms (default 0)")
     p.add_argument("--exact-site", action="store_true",
                    help="optimize at --site itself, not before its block's final ReLU")
     p.add_argument("--out", default="visualize-out", help="output folder (default: visualize-out)")
     _model_args(p)
     p.set_defaults(func=cmd_visualize)
 
-    p = sub.add_parser("score", help="zero-shot batch scoring of an endpoint-format JSON request")
-    p.add_argument("request", help="path to the request JSON file")
+    from .scoring import MAX_URL_BYTES, URL_TIMEOUT_S
+    p = sub.add_parser("score", help="zero-shot batch scoring of an endpoint-format JSON request",
+                       epilog="Exit status: 0 when at least one row was scored (bad rows carry an 'error'), "
+                              "1 when every row failed (the response is still written; the count goes to "
+                              "stderr), 2 when the request, the model or an option is invalid.")
+    p.add_argument("request", help="path to the request JSON file, or the JSON text itself")
     p.add_argument("-o", "--output", help="write the response JSON here instead of printing it")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--untrusted", action="store_true",
+                   help="the request comes from someone else: refuse local file paths as images "
+                        "(base64, data: URIs and http(s) URLs still work)")
+    p.add_argument("--url-timeout", type=float, default=URL_TIMEOUT_S,
+                   help=f"seconds allowed for fetching one image URL (default {URL_TIMEOUT_S:g})")
+    p.add_argument("--max-url-bytes", type=int, default=MAX_URL_BYTES,
+                   help=f"largest image fetched from a URL, in bytes (default {MAX_URL_BYTES})")
     _model_args(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("attack", help="run a typographic attack over a folder and write a report")
     p.add_argument("folder", nargs="?", help="image folder (labels = sub-folder names) or a public attack set")
     p.add_argument("--config", help="YAML file with the run's settings (flags override it)")
-    p.add_argument("--format", choices=["imagefolder", "paint", "rta100", "scam", "materzynska"])
+    p.add_argument("--format", choices=["imagefolder", "paint", "rta100", "scam", "materzynska"],
+                   help="layout of the folder: imagefolder (default, one sub-folder per class) or a public set")
     p.add_argument("--classes", help="comma-separated class names (default: the folder's labels)")
     p.add_argument("--target", help="write this class name on every image (default: a wrong class per image)")
-    p.add_argument("--size", type=float, help="text size: fraction of the shorter side (<1) or pixels")
-    p.add_argument("--position", help="center, top-left, ..., random, fixed8:K")
-    p.add_argument("--colour", help="text colour")
-    p.add_argument("--opacity", type=float)
-    p.add_argument("--sweep", help="one parameter and its values, e.g. size=0.1,0.2,0.3")
-    p.add_argument("--defence", action="append", choices=["prompt", "ablation"], help="add a defence (repeatable)")
+    p.add_argument("--size", type=float, help="text size: fraction of the shorter side (<1) or pixels "
+                                              "(default 0.18)")
+    p.add_argument("--position", help="where the text goes: center (default), top, bottom, left, right, top-left, "
+                                      "top-right, bottom-left, bottom-right, random, fixed8:0..fixed8:7, or X,Y "
+                                      "(fractions as floats in [0, 1], else pixels)")
+    p.add_argument("--colour", help="text colour: a name (black, default), #rrggbb or rgb(r, g, b)")
+    p.add_argument("--opacity", type=float, help="text and box opacity in [0, 1] (default 1)")
+    p.add_argument("--sweep", help="vary one parameter over values, e.g. size=0.1,0.2,0.3 or position=center,fixed8:0")
+    p.add_argument("--defence", action="append", choices=["prompt", "ablation"],
+                   help="add a defence (repeatable): prompt adds 'text that says X' classes; ablation zeroes the "
+                        "units of --ablation-site that respond most to rendered text")
+    p.add_argument("--ablation-site", default=None,
+                   help="site whose text units the ablation defence zeroes (default: the image tower's last block, "
+                        "e.g. visual.layer4 on the organism; see `clipscope layers`)")
+    p.add_argument("--ablation-units", type=int, default=None,
+                   help="how many text units the ablation defence zeroes (default 8)")
+    p.add_argument("--seed", type=int, default=None, help="seed for wrong-class choices and random positions (default 0)")
     p.add_argument("--out", help="report folder (default: attack-report)")
     p.add_argument("--model", default=None, help="model name (default: the config's, else 'organism')")
-    p.add_argument("--pretrained", default=None)
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path for --model")
     p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("audit", help="run a bias audit spec (YAML) and write its report")
@@ -214,21 +274,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("layers", help="list a model's hookable sites")
-    p.add_argument("--tower", choices=["visual", "text"])
+    p.add_argument("--tower", choices=["visual", "text"], help="list only this tower's sites (default: both)")
     _model_args(p)
     p.set_defaults(func=cmd_layers)
     return parser
 
 
+def _os_error_text(exc: OSError) -> str:
+    """``PATH: cause`` (``PATH -> PATH2: cause`` for two paths) when the error names a file, else its message."""
+    if exc.filename is None or not exc.strerror:
+        return str(exc)
+    paths = os.fsdecode(exc.filename) + ("" if exc.filename2 is None else f" -> {os.fsdecode(exc.filename2)}")
+    return f"{paths}: {exc.strerror}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the process exit code.
+
+    The command's own code on success (0; see a command's ``--help`` for others); 2 for bad input
+    (usage errors exit through argparse) or a resource fault (an ``OSError``: missing file,
+    unwritable or full output folder), reported as one line ``clipscope: error: ...`` on stderr,
+    without a traceback.
+    """
     args = build_parser().parse_args(argv)
-    from .hub import UnknownModelError, UnsafeCheckpointError, WeightsNotAvailableError
+    from .hub import CheckpointError, UnknownModelError, UnsafeCheckpointError, WeightsNotAvailableError
     from .scoring import RequestError
     try:
         return args.func(args)
-    except (UnknownModelError, WeightsNotAvailableError, UnsafeCheckpointError, RequestError, ValueError,
-            FileNotFoundError) as exc:
+    except (UnknownModelError, WeightsNotAvailableError, UnsafeCheckpointError, CheckpointError, RequestError,
+            ValueError) as exc:
         print(f"clipscope: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"clipscope: error: {_os_error_text(exc)}", file=sys.stderr)
         return 2
 
 

@@ -17,15 +17,17 @@ from __future__ import annotations
 import html
 import time
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .io import figure_png, write_bytes_atomic, write_text_atomic
 from .neurons.atlas import page_name
+from .validate import check_int
 
-ROOT = Path(__file__).resolve().parents[1]
-#: The bias audit the demo runs (ships with the repository, not with the wheel).
-AUDIT_SPEC = ROOT / "audits" / "organism_planted_bias.yaml"
+#: The bias audit the demo runs: package data, so an installed wheel has it. The repository's
+#: ``audits/organism_planted_bias.yaml`` is an identical copy for users to read and adapt.
+AUDIT_SPEC = resources.files("clipscope") / "audit" / "specs" / "organism_planted_bias.yaml"
 
 
 def _timed(parts: list[tuple[str, float, str]], title: str, fn: Callable[[], str]) -> None:
@@ -141,15 +143,13 @@ def attack_section(model, out: Path, *, n_per_class: int = 12, seed: int = 20_00
 
 
 def audit_section(model, out: Path) -> dict[str, Any]:
-    """Run ``audits/organism_planted_bias.yaml`` on ``model``; report in ``out/audit``.
+    """Run the packaged audit spec :data:`AUDIT_SPEC` on ``model``; report in ``out/audit``.
 
     Returns ``{"report": Path, "rates": {taxonomy: {group: rate of 'thief'}}, "result": AuditResult}``.
     """
     from .audit.run import run_audit
-    if not AUDIT_SPEC.exists():
-        raise FileNotFoundError(f"the audit spec {AUDIT_SPEC} is missing (it ships with the repository, "
-                                "not with the installed package)")
-    result = run_audit(AUDIT_SPEC, out=out / "audit", models=[model], progress=False)
+    with resources.as_file(AUDIT_SPEC) as spec:
+        result = run_audit(spec, out=out / "audit", models=[model], progress=False)
     g = result.groups
     rows = g[(g["grouping"] == "group") & (g["metric"] == "harm_rate") & (g["outcome"] == "harm:crime")]
     rates = {t: dict(zip(r["group"], r["rate"])) for t, r in rows.groupby("taxonomy", sort=False)}
@@ -160,10 +160,11 @@ def run_demo(model_name: str = "organism", *, pretrained: str | None = None, dev
              out: str | Path = "clipscope-demo", steps: int = 256) -> Path:
     """Run the main job and write the report folder ``out``; returns the path of its ``index.html``.
 
-    ``steps``: optimization steps per feature visualization in the atlas.
+    ``steps``: optimization steps per feature visualization in the atlas (an integer >= 1).
     """
     import clipscope
 
+    steps = check_int("steps", steps, low=1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     parts: list[tuple[str, float, str]] = []
@@ -244,9 +245,12 @@ generated scenes that drive it most, the rendered words that drive it most and i
 shape's name written on it; accuracy clean vs attacked, per defence, and a sweep over text size.</p>
 {_attack_table(attack['summary'])}
 <p>Attack: {html.escape(str(attack['summary']['attack'].iloc[0]))}.</p>
-<h2>4. Bias audit</h2><p><a href="audit/report.html">The audit report</a> of
-<code>audits/organism_planted_bias.yaml</code>: generated figures of groups A, B and C labelled under two
-taxonomies, the second with a neutral "child" class; per-group rates with bootstrap intervals.</p>
+<h2>4. Bias audit</h2><p><a href="audit/report.html">The audit report</a> of the spec
+<code>organism_planted_bias.yaml</code> (in the package, and in the repository's <code>audits/</code> to
+copy): generated figures of groups A, B and C labelled under two
+taxonomies, the second with a neutral "child" class; per-group rates with Wilson score intervals, each
+group's difference to the rest with a Newcombe score interval, and the largest gap between groups with a
+simultaneous Newcombe score interval (Bonferroni over pairs) that covers 0 when the groups agree.</p>
 {audit_table}
 </body></html>"""
 
