@@ -11,7 +11,7 @@ from types import ModuleType
 from .data import EmbeddedImages, ImageLoadError
 from .hooks import Site, Unit
 from .hub import CheckpointError, UnknownModelError, UnsafeCheckpointError, WeightsNotAvailableError
-from .model import ClipModel, Layers, ZeroShotResult, load, load_from_env, parse_model_spec
+from .model import ClipModel, Layers, ZeroShotClassifier, ZeroShotResult, load, load_from_env, parse_model_spec
 
 __version__ = "0.1.0"  # the one source of the version: pyproject.toml reads it (setuptools dynamic)
 
@@ -34,6 +34,6 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "CheckpointError", "ClipModel", "EmbeddedImages", "ImageLoadError", "Layers", "Site", "Unit", "UnknownModelError",
-    "UnsafeCheckpointError", "WeightsNotAvailableError", "ZeroShotResult", "load", "load_from_env",
+    "UnsafeCheckpointError", "WeightsNotAvailableError", "ZeroShotClassifier", "ZeroShotResult", "load", "load_from_env",
     "parse_model_spec",
 ]

@@ -103,6 +103,39 @@ def _register_configs() -> None:
 # Results
 
 
+@dataclass(frozen=True)
+class ZeroShotClassifier:
+    """A zero-shot head: one unit-norm embedding per class and the model's logit scale.
+
+    Made by :meth:`ClipModel.classifier`. ``weights`` is float32 ``(n_classes, embed_dim)`` on the CPU;
+    it is fixed when the classifier is made (an ablation of the text tower must be active then to
+    count). Every method takes image embeddings ``(n, embed_dim)`` on any device (they are normalized
+    here) and answers on that device.
+    """
+
+    classes: tuple[str, ...]
+    templates: tuple[str, ...]
+    weights: torch.Tensor
+    logit_scale: float
+
+    def logits(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        """``logit_scale * cos(image, class)``, float32 ``(n, n_classes)``."""
+        emb = F.normalize(image_embeddings.float(), dim=-1)
+        return self.logit_scale * emb @ self.weights.to(emb.device).T
+
+    def probs(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (softmax of :meth:`logits`), float32 ``(n, n_classes)``, rows sum to 1."""
+        return self.logits(image_embeddings).softmax(dim=-1)
+
+    def top1(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        """Index of the most probable class per image, int64 ``(n,)``."""
+        return self.logits(image_embeddings).argmax(dim=-1)
+
+    def predict(self, image_embeddings: torch.Tensor) -> list[str]:
+        """Name of the most probable class per image."""
+        return [self.classes[i] for i in self.top1(image_embeddings).tolist()]
+
+
 @dataclass
 class ZeroShotResult:
     """Zero-shot class probabilities for a set of images.
@@ -373,6 +406,14 @@ class ClipModel:
             self._class_cache[key] = out
         return out
 
+    def classifier(self, classes: Sequence[str], templates: str | Sequence[str] | None = None) -> ZeroShotClassifier:
+        """The zero-shot head for ``classes``: a :class:`ZeroShotClassifier` with logits / probs / predict
+        on image embeddings. Class embeddings as in :meth:`class_embeddings` (prompt ensembles, cached)."""
+        classes = check_names("classes", classes)
+        templates = prompts.resolve_templates(templates, self.default_templates)
+        return ZeroShotClassifier(tuple(classes), templates, self._class_embeddings(classes, templates),
+                                  self.logit_scale)
+
     def zero_shot(self, images: Any, classes: Sequence[str], templates: str | Sequence[str] | None = None, *,
                   batch_size: int = 64, progress: bool | None = None) -> ZeroShotResult:
         """Classify ``images`` among ``classes``; returns a :class:`ZeroShotResult`.
@@ -384,10 +425,8 @@ class ClipModel:
         path inputs, by position otherwise. Unreadable images are skipped, listed in
         the result's ``skipped`` and reported in one :class:`UserWarning`.
         """
-        classes = check_names("classes", classes)
-        templates = prompts.resolve_templates(templates, self.default_templates)
+        head = self.classifier(classes, templates)
         batch_size = check_int("batch_size", batch_size, low=1)
-        class_emb = self._class_embeddings(classes, templates)
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             with torch.no_grad():
                 img = self.encode_image(images).cpu()
@@ -395,11 +434,10 @@ class ClipModel:
         else:
             embedded = self.embed(images, batch_size=batch_size, progress=progress)
             img, keys, skipped = embedded.embeddings, embedded.keys, embedded.skipped
-        logits = self.logit_scale * img @ class_emb.cpu().T
         skipped = [(_path_key(images, k), reason) for k, reason in skipped]
         if skipped:
             _warn_skipped(skipped, len(keys) + len(skipped))
-        return ZeroShotResult(logits.softmax(dim=-1), classes, templates, [_path_key(images, k) for k in keys],
+        return ZeroShotResult(head.probs(img), list(head.classes), head.templates, [_path_key(images, k) for k in keys],
                               skipped, _positions(images, keys))
 
     # -- hooks --------------------------------------------------------------------------
