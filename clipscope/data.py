@@ -141,6 +141,8 @@ def _decode(open_image: Callable[[], Image.Image], what: str, owned: bool = True
 
 
 def _check_pixels(size: tuple[int, int], limit: int | None) -> None:
+    if size[0] < 1 or size[1] < 1:
+        raise ImageLoadError(f"the image is {size[0]} x {size[1]} pixels: it has no pixels")
     if limit is not None and size[0] * size[1] > limit:
         raise ImageLoadError(f"{size[0]} x {size[1]} = {size[0] * size[1]} pixels is above the limit of {limit} "
                              f"(a decompression bomb? set {MAX_IMAGE_PIXELS_ENV} to allow more)")
@@ -161,6 +163,8 @@ def _array_to_8bit(a: np.ndarray) -> np.ndarray:
         a = a[..., 0]
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
         raise ImageLoadError(f"must be (H, W) or (H, W, 1|3|4); got shape {a.shape}")
+    if a.size == 0:
+        raise ImageLoadError(f"has no pixels (shape {a.shape})")
     if a.dtype == np.uint8:
         return a
     if a.dtype == np.bool_:

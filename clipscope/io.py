@@ -62,6 +62,24 @@ def ensure_folder(folder: str | os.PathLike) -> Path:
     return folder
 
 
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed, then create and remove a probe file in it; returns it as a Path.
+
+    Long jobs call this before their expensive part, so that a folder that cannot be written (a
+    parent that is a file, a read-only or full disk, no permission) fails in a second with one
+    :class:`OutputError` naming the folder and the cause, not after the work.
+    """
+    folder = ensure_folder(folder)
+    probe = folder / f".clipscope-write-probe-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(folder, exc) from exc
+    return folder
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename; returns the path.
 

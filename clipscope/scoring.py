@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import http.client
+import ipaddress
 import json
 import os
 import re
@@ -225,14 +226,15 @@ def decode_image(value: str, *, allow_local_files: bool = True, url_timeout: flo
 
     The cell is an ``http``/``https`` URL (fetched, see :func:`fetch_url`), a ``data:`` URI,
     base64 text or, when ``allow_local_files``, the path of a local image file. Without
-    ``allow_local_files`` no path is looked up, so the error for a path does not depend on
-    whether it exists.
+    ``allow_local_files`` (an untrusted request) no path is looked up, so the error for a path does
+    not depend on whether it exists, and URLs may only reach hosts on the public internet.
     """
     if not isinstance(value, str) or not value:
         raise ImageLoadError(f"the image must be a non-empty string, got {_short(value)}")
     scheme = _url_scheme(value)
     if scheme in URL_SCHEMES:
-        return load_image(fetch_url(value, timeout=url_timeout, max_bytes=max_url_bytes))
+        return load_image(fetch_url(value, timeout=url_timeout, max_bytes=max_url_bytes,
+                                    public_only=not allow_local_files))
     if scheme is not None:
         raise _unsupported_scheme(scheme)
     if value.startswith("data:"):
@@ -274,32 +276,82 @@ class _HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def _http_opener() -> urllib.request.OpenerDirector:
+def is_public_address(address: str) -> bool:
+    """True when the IP ``address`` is globally routable: not loopback, private, link-local (cloud
+    metadata services live there), shared, reserved or multicast; IPv4-mapped IPv6 is judged as IPv4."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+class _NonPublicAddress(ImageLoadError):
+    """An untrusted request's URL (or a redirect) led to a host that is not on the public internet."""
+
+
+def _check_peer(connection: http.client.HTTPConnection) -> None:
+    peer = connection.sock.getpeername()[0]
+    if not is_public_address(peer):
+        connection.close()
+        raise _NonPublicAddress(f"the host {connection.host!r} is not a public address ({peer}); "
+                                f"untrusted requests may only fetch URLs on the public internet")
+
+
+class _PublicHTTPConnection(http.client.HTTPConnection):
+    def connect(self) -> None:
+        super().connect()
+        _check_peer(self)  # after the TCP connect (so DNS answers cannot be swapped), before any request is sent
+
+
+class _PublicHTTPSConnection(http.client.HTTPSConnection):
+    def connect(self) -> None:
+        super().connect()
+        _check_peer(self)
+
+
+class _PublicHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_PublicHTTPConnection, req)
+
+
+class _PublicHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(_PublicHTTPSConnection, req)
+
+
+def _http_opener(public_only: bool = False) -> urllib.request.OpenerDirector:
     opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), urllib.request.HTTPHandler(),
-                    urllib.request.HTTPSHandler(), urllib.request.HTTPDefaultErrorHandler(), _HttpRedirectsOnly(),
+    http_handler, https_handler = ((_PublicHTTPHandler(), _PublicHTTPSHandler()) if public_only
+                                   else (urllib.request.HTTPHandler(), urllib.request.HTTPSHandler()))
+    for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), http_handler,
+                    https_handler, urllib.request.HTTPDefaultErrorHandler(), _HttpRedirectsOnly(),
                     urllib.request.HTTPErrorProcessor()):
         opener.add_handler(handler)
     return opener
 
 
-def fetch_url(url: str, *, timeout: float = URL_TIMEOUT_S, max_bytes: int = MAX_URL_BYTES) -> bytes:
+def fetch_url(url: str, *, timeout: float = URL_TIMEOUT_S, max_bytes: int = MAX_URL_BYTES,
+              public_only: bool = False) -> bytes:
     """Return the body of an ``http``/``https`` image URL; raises :class:`~clipscope.data.ImageLoadError`.
 
     The response must have an ``image/*`` content type and at most ``max_bytes`` bytes, and
     arrive within about ``timeout`` seconds (connecting, waiting and reading). Redirects are
-    followed only to http(s) URLs. Without network access this fails at once (or after
-    ``timeout``) with "URLs need network access".
+    followed only to http(s) URLs. ``public_only`` (for untrusted requests) refuses hosts that are
+    not on the public internet (:func:`is_public_address`, checked on the connected peer, redirects
+    included), so a request cannot reach loopback, private or link-local services. Without network
+    access this fails at once (or after ``timeout``) with "URLs need network access".
     """
     scheme = _url_scheme(url)
     if scheme not in URL_SCHEMES:
         raise _unsupported_scheme(scheme)
     deadline = time.monotonic() + timeout
-    request = urllib.request.Request(url, headers={"User-Agent": "clipscope", "Accept": "image/*"})
     try:
-        with _http_opener().open(request, timeout=timeout) as response:
+        request = urllib.request.Request(url, headers={"User-Agent": "clipscope", "Accept": "image/*"})
+        with _http_opener(public_only).open(request, timeout=timeout) as response:
             _check_headers(url, response.headers, max_bytes)
             return _read_capped(url, response, max_bytes, deadline, timeout)
+    except _NonPublicAddress as exc:
+        raise ImageLoadError(f"cannot fetch URL {url}: {exc}") from None
     except ImageLoadError:
         raise
     except urllib.error.HTTPError as exc:
@@ -341,7 +393,8 @@ def score(request: Mapping[str, Any] | str | os.PathLike | ParsedRequest, model,
     """Score a batch request (a dict, JSON text, a path to a JSON file, or a :class:`ParsedRequest`) with ``model``.
 
     ``allow_local_files=False`` is for requests from someone else: image cells may then only be
-    base64, ``data:`` URIs or http(s) URLs. URLs are fetched with ``url_timeout`` seconds and at
+    base64, ``data:`` URIs or http(s) URLs of hosts on the public internet (no loopback, private or
+    link-local address, also not through a redirect). URLs are fetched with ``url_timeout`` seconds and at
     most ``max_url_bytes`` bytes each. Returns one dict per row: ``probs`` (floats summing to 1,
     one per label, or ``None`` for a bad row), ``labels`` and, for bad rows, ``error``
     (``"row i: reason"``). Raises :class:`RequestError` for a malformed request.

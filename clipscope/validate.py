@@ -34,7 +34,7 @@ def check_int(parameter: str, value: Any, *, low: int | None = None, high: int |
         value = int(value)
         ok = (low is None or value >= low) and (high is None or value <= high)
     if not ok:
-        raise InvalidArgumentError(parameter, value, "an integer " + _range_text(low, high, False, False))
+        raise InvalidArgumentError(parameter, value, ("an integer " + _range_text(low, high, False, False)).strip())
     return value
 
 
@@ -47,7 +47,8 @@ def check_number(parameter: str, value: Any, *, low: float | None = None, high: 
         ok = (low is None or (v > low if low_open else v >= low)) and \
              (high is None or (v < high if high_open else v <= high))
     if not ok:
-        raise InvalidArgumentError(parameter, value, "a finite number " + _range_text(low, high, low_open, high_open))
+        raise InvalidArgumentError(parameter, value,
+                                   ("a finite number " + _range_text(low, high, low_open, high_open)).strip())
     return float(value)
 
 

@@ -35,7 +35,7 @@ image_sizes = st.one_of(
 positions = st.one_of(
     st.sampled_from(sorted(ANCHORS) + ["random"] + [f"fixed8:{k}" for k in range(8)]),
     st.tuples(st.floats(0, 1), st.floats(0, 1)),
-    st.tuples(st.integers(-10_000, 10_000), st.integers(-10_000, 10_000)),
+    st.tuples(st.integers(0, 10_000), st.integers(0, 10_000)),
 )
 colours = st.one_of(st.sampled_from(["black", "white", "red", "#12ab34", "rgb(1, 2, 3)"]),
                     st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(0, 255)))
@@ -60,6 +60,10 @@ class TestRendererProperties:
     def test_any_text_with_any_valid_style_keeps_the_images_size_and_mode(self, text, size, mode, style, position,
                                                                            seed):
         image = Image.new(mode, size)
+        if isinstance(position[0], int) and (position[0] >= size[0] or position[1] >= size[1]):
+            with pytest.raises(InvalidArgumentError, match=r"position=.*a pixel inside the"):
+                render_text(image, text, style, position, seed=seed)
+            return
         rendered = render_text(image, text, style, position, seed=seed)
         assert rendered.image.size == image.size and rendered.image.mode == mode
         assert 0.0 <= rendered.cover <= 1.0 and rendered.text == text
@@ -132,7 +136,8 @@ class TestStyleMessages:
         with pytest.raises(InvalidArgumentError, match="kerning=2 .*unknown text style field"):
             TextStyle().replace(kerning=2)
 
-    @pytest.mark.parametrize("position", ["middle", "fixed8:8", (0.5,), (0.5, float("nan")), (True, 1), None, 3])
+    @pytest.mark.parametrize("position", ["middle", "fixed8:8", (0.5,), (0.5, float("nan")), (True, 1), None, 3,
+                                          (-1, 5), (1.5, 0.5), (0.5, 1), (2.0, 0.5), (-0.1, 0.2)])
     def test_bad_positions_are_refused_with_the_choices(self, position):
         with pytest.raises(InvalidArgumentError, match="position=.*'fixed8:0'..'fixed8:7'"):
             render_text(Image.new("RGB", (8, 8)), "x", position=position)

@@ -205,3 +205,10 @@ class TestUndecodable:
         result = tiny_vit.embed(tmp_path, progress=False)
         assert len(result) == 1 and result.n_skipped == 2
         assert sorted(os.path.basename(k) for k, _ in result.skipped) == ["bomb.png", "loop.png"]
+
+
+@pytest.mark.parametrize("item", [np.zeros((0, 5), np.uint8), np.zeros((4, 0, 3), np.float32),
+                                  Image.new("RGB", (0, 0))])
+def test_an_image_without_pixels_is_a_load_error(item):
+    with pytest.raises(ImageLoadError, match="has no pixels"):
+        load_image(item)

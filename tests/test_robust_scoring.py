@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from clipscope.cli import main
 from clipscope.model import ZeroShotResult
-from clipscope.scoring import ParsedRequest, RequestError, parse_request, score
+from clipscope.scoring import ParsedRequest, RequestError, is_public_address, parse_request, score
 
 from .conftest import make_images
 
@@ -335,7 +335,7 @@ def test_a_url_whose_body_trickles_past_the_timeout_is_a_row_error(image_server)
 @pytest.mark.parametrize("path,target", [("/to-file", "file:///etc/hostname"), ("/to-ftp", "ftp://127.0.0.1/cat.png")])
 def test_a_redirect_to_a_non_http_url_is_refused(image_server, path, target):
     url = image_server.url(path)
-    result = score(_request(B64, url), FakeModel(), allow_local_files=False)[1]
+    result = score(_request(B64, url), FakeModel())[1]   # trusted: an untrusted one may not reach loopback at all
     assert result["probs"] is None
     assert result["error"] == (f"row 1: cannot fetch URL {url}: HTTP 302 Found - Redirection to url {target!r} "
                                "is not allowed")
@@ -457,3 +457,27 @@ def test_valid_requests_round_trip(labels, good, spacing):
             assert sum(result["probs"]) == pytest.approx(1)
         else:
             assert result["probs"] is None and result["error"].startswith(f"row {i}: ")
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://exa mple.com/a.png", "http://:80/", "https://\u2603:99999/x"])
+def test_a_malformed_url_is_a_row_error_and_the_other_rows_are_scored(url):
+    results = score(_request(B64, url), FakeModel())
+    assert results[0].get("error") is None
+    assert results[1]["probs"] is None and results[1]["error"].startswith(f"row 1: cannot fetch URL {url}")
+
+
+def test_untrusted_requests_refuse_urls_of_hosts_that_are_not_public(image_server):
+    url = image_server.url("/cat.png")
+    assert score(_request(B64, url), FakeModel())[1].get("error") is None   # trusted: the loopback host is fine
+    result = score(_request(B64, url), FakeModel(), allow_local_files=False)[1]
+    assert result["probs"] is None
+    assert "is not a public address (127.0.0.1)" in result["error"]
+
+
+@pytest.mark.parametrize("address, public", [
+    ("127.0.0.1", False), ("10.1.2.3", False), ("172.16.0.1", False), ("192.168.1.1", False),
+    ("169.254.169.254", False), ("100.64.0.1", False), ("::1", False), ("fe80::1%eth0", False),
+    ("::ffff:127.0.0.1", False), ("224.0.0.1", False), ("0.0.0.0", False),
+    ("8.8.8.8", True), ("2001:4860:4860::8888", True), ("::ffff:8.8.8.8", True)])
+def test_public_addresses_are_told_from_internal_ones(address, public):
+    assert is_public_address(address) is public

@@ -186,21 +186,23 @@ class Rendered:
 
 def check_position(parameter: str, position: Any) -> Position:
     """Return ``position`` if it names a place: an anchor (:data:`ANCHORS`), ``"random"``, ``"fixed8:k"``
-    (k in 0..7), or an ``(x, y)`` pair of finite numbers (a list is returned as a tuple)."""
+    (k in 0..7), or an ``(x, y)`` pair, either of fractions of the width and height (two floats in
+    [0, 1]) or of pixels (two integers >= 0; whether they fall inside an image is checked when one is
+    drawn on). A list is returned as a tuple."""
     valid = (f"an anchor ({', '.join(sorted(ANCHORS))}), 'random', 'fixed8:0'..'fixed8:7', or an (x, y) pair "
-             "of fractions (floats in [0, 1]) or of pixels")
+             "of fractions (two floats in [0, 1]) or of pixels (two integers >= 0)")
     if isinstance(position, str):
         fixed = position.startswith("fixed8:") and position[7:].isdigit() and int(position[7:]) < 8
         if position in ANCHORS or position == "random" or fixed:
             return position
         raise InvalidArgumentError(parameter, position, valid)
     if isinstance(position, Sequence) and len(position) == 2:
-        try:
-            for v in position:
-                check_number(parameter, v)
-        except InvalidArgumentError:
-            raise InvalidArgumentError(parameter, position, valid) from None
-        return tuple(int(v) if isinstance(v, numbers.Integral) else float(v) for v in position)
+        pixels = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in position)
+        fractions = all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in position)
+        if pixels:
+            return tuple(int(v) for v in position)
+        if fractions:
+            return tuple(float(v) for v in position)
     raise InvalidArgumentError(parameter, position, valid)
 
 
@@ -222,8 +224,11 @@ def resolve_position(position: Position, size: tuple[int, int], rng: random.Rand
             fx, fy = FIXED8[int(position[7:])]
         return fx * w, fy * h
     x, y = position
-    if 0 <= x <= 1 and 0 <= y <= 1 and isinstance(x, float) and isinstance(y, float):
+    if isinstance(x, float):
         return x * w, y * h
+    if x >= w or y >= h:
+        raise InvalidArgumentError("position", position, f"a pixel inside the {w} x {h} image "
+                                                          f"(x < {w}, y < {h}), or fractions (floats in [0, 1])")
     return float(x), float(y)
 
 
@@ -286,6 +291,8 @@ def render_text(image: Image.Image, text: str, style: TextStyle | None = None, p
     if style is not None and not isinstance(style, TextStyle):
         raise InvalidArgumentError("style", style, "a TextStyle or None")
     position = check_position("position", position)
+    if isinstance(position, tuple):
+        resolve_position(position, image.size, random.Random(0))  # a pixel position must lie inside the image
     seed = check_int("seed", seed)
     style = style or TextStyle()
     mode = image.mode
