@@ -12,39 +12,52 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from .frames import Disaggregation, Outcomes
 from .metrics import mcnemar_p, percentile_interval
 
+#: Columns of the rows :func:`paired_changes` returns (``AuditResult.changes``).
+CHANGE_COLUMNS = ["model", "outcome", "grouping", "group", "taxonomy_a", "taxonomy_b", "n", "rate_a", "rate_b",
+                  "change", "change_ci_low", "change_ci_high", "flipped_to_no", "flipped_to_yes", "p_mcnemar"]
 
-def paired_changes(model: str, grouping: str, labels: np.ndarray, outcomes: dict, samples: dict,
-                   taxonomies: list[str], confidence: float) -> list[dict]:
+
+def paired_changes(model: str, outcomes: Outcomes, result: Disaggregation, labels: np.ndarray,
+                   taxonomies: list[str]) -> list[dict]:
     """Rows of changes between every ordered pair of taxonomies, for every shared outcome and group.
 
-    ``outcomes[(taxonomy, outcome)] = (y, valid)``; ``samples[((taxonomy, outcome), group)] = p*``.
+    ``outcomes`` is keyed by ``(taxonomy, outcome)``; ``result`` is their disaggregation by ``labels``
+    (one grouping), whose bootstrap rates pair the change intervals. One row per (taxonomy pair,
+    outcome, group): both rates on the rows valid under both, the change with its interval, the flips
+    each way and the exact McNemar p-value.
     """
     rows = []
     groups = sorted(set(labels.tolist()))
+    keys = set(outcomes.keys)
     for base, other in [(a, b) for a in taxonomies for b in taxonomies if a != b]:
-        names = sorted({o for (t, o) in outcomes if t == base})
-        for o in names:
-            if (other, o) not in outcomes:
+        for o in sorted({o for (t, o) in keys if t == base}):
+            if (other, o) not in keys:
                 continue
-            ya, va = outcomes[(base, o)]
-            yb, vb = outcomes[(other, o)]
-            for g in groups:
-                m = (labels == g) & va & vb
-                n = int(m.sum())
-                ra = float(ya[m].mean()) if n else float("nan")
-                rb = float(yb[m].mean()) if n else float("nan")
-                b = int((ya & ~yb & m).sum())
-                c = int((~ya & yb & m).sum())
-                sa, sb = samples.get(((base, o), g)), samples.get(((other, o), g))
-                paired = sa is not None and sb is not None and len(sa)
-                lo, hi = percentile_interval(sb - sa, confidence) if paired else (np.nan, np.nan)
-                rows.append({"model": model, "outcome": o, "grouping": grouping, "group": g,
-                             "taxonomy_a": base, "taxonomy_b": other, "n": n, "rate_a": ra, "rate_b": rb,
-                             "change": rb - ra, "change_ci_low": lo, "change_ci_high": hi,
-                             "flipped_to_no": b, "flipped_to_yes": c, "p_mcnemar": mcnemar_p(b, c)})
+            head = {"model": model, "outcome": o, "grouping": result.grouping}
+            pair = (base, other, outcomes.get((base, o)), outcomes.get((other, o)))
+            rows += [_change_row(head, pair, labels == g, g, result) for g in groups]
     return rows
+
+
+def _change_row(head: dict, pair: tuple, in_group: np.ndarray, group: str, result: Disaggregation) -> dict:
+    """The change of one outcome in one group from taxonomy ``pair[0]`` to ``pair[1]``."""
+    base, other, (ya, va), (yb, vb) = pair
+    m = in_group & va & vb
+    n = int(m.sum())
+    ra = float(ya[m].mean()) if n else float("nan")
+    rb = float(yb[m].mean()) if n else float("nan")
+    b = int((ya & ~yb & m).sum())
+    c = int((~ya & yb & m).sum())
+    o = head["outcome"]
+    sa, sb = result.samples.get(((base, o), group)), result.samples.get(((other, o), group))
+    paired = sa is not None and sb is not None and len(sa)
+    lo, hi = percentile_interval(sb - sa, result.confidence) if paired else (np.nan, np.nan)
+    return {**head, "group": group, "taxonomy_a": base, "taxonomy_b": other, "n": n, "rate_a": ra, "rate_b": rb,
+            "change": rb - ra, "change_ci_low": lo, "change_ci_high": hi,
+            "flipped_to_no": b, "flipped_to_yes": c, "p_mcnemar": mcnemar_p(b, c)}
 
 
 @dataclass

@@ -32,10 +32,14 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+
+from ..validate import check_int, check_number, check_same_length
+from .frames import GROUP_COLUMNS, SUMMARY_COLUMNS, Disaggregation, Outcomes
 
 _MAX_DRAW_CELLS = 4_000_000  # bootstrap draws held in memory at once
 
@@ -118,7 +122,7 @@ def bootstrap_group_sums(y: np.ndarray, valid: np.ndarray, members: np.ndarray, 
     m = len(members)
     ks = np.zeros((y.shape[0], n_boot))
     ns = np.zeros((y.shape[0], n_boot))
-    if m == 0 or n_boot == 0:
+    if m == 0 or n_boot == 0 or y.shape[0] == 0:
         return ks, ns
     yv = (y[:, members] * valid[:, members]).astype(np.float64)
     vv = valid[:, members].astype(np.float64)
@@ -216,97 +220,162 @@ def group_labels(frame: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
     return frame[list(columns)].astype(str).agg(" × ".join, axis=1).to_numpy()
 
 
-def disaggregate(outcomes: Mapping[str, tuple[np.ndarray, np.ndarray]], labels: np.ndarray, *,
-                 grouping: str, n_boot: int = 1000, seed: int = 0, confidence: float = 0.95):
+def disaggregate(outcomes: Outcomes | Mapping[Hashable, tuple[np.ndarray, np.ndarray]], labels: np.ndarray, *,
+                 grouping: str, n_boot: int = 1000, seed: int = 0, confidence: float = 0.95) -> Disaggregation:
     """Per-group rates of binary outcomes with score and bootstrap intervals and significance tests.
 
-    ``outcomes`` maps a name to ``(y, valid)`` boolean arrays over the same rows (``valid`` False
-    removes a row from that outcome, e.g. a missing label). ``labels`` is the group of each row.
-    Returns ``(groups, summary, samples)``: a per-group DataFrame, a per-outcome summary DataFrame,
-    and ``samples[(name, group)] = p*`` (the bootstrap rates, for paired comparisons).
+    ``outcomes`` is an :class:`~clipscope.audit.frames.Outcomes` frame (keys such as ``(taxonomy,
+    outcome)``) or a mapping ``{name: (y, valid)}`` of boolean arrays over the same rows (``valid``
+    False removes a row from that outcome, e.g. a missing label). ``labels`` is the group of each row.
+    Returns one :class:`~clipscope.audit.frames.Disaggregation`: rates per group and overall, the
+    largest gap and smallest ratio (point estimates from fairlearn's ``MetricFrame``) with their
+    intervals, the tidy per-group and per-outcome tables, and the bootstrap rates for paired comparisons.
     """
-    from fairlearn.metrics import MetricFrame
-
-    names = list(outcomes)
     labels = np.asarray(labels).astype(str)
-    Y = np.stack([np.asarray(outcomes[k][0], bool) for k in names]) if names else np.zeros((0, len(labels)), bool)
-    V = np.stack([np.asarray(outcomes[k][1], bool) for k in names]) if names else np.zeros((0, len(labels)), bool)
+    frame = outcomes if isinstance(outcomes, Outcomes) else Outcomes.from_arrays(outcomes, n_rows=len(labels))
+    check_same_length(labels=labels, outcome_rows=range(frame.n_rows))
+    n_boot = check_int("n_boot", n_boot, low=0)
+    confidence = check_number("confidence", confidence, low=0, high=1, low_open=True, high_open=True)
     groups = sorted(set(labels.tolist()))
     members = {g: np.where(labels == g)[0] for g in groups}
-
-    boot_k, boot_n = {}, {}
-    for g in groups:
-        boot_k[g], boot_n[g] = bootstrap_group_sums(Y, V, members[g], n_boot, _draw_seed(seed, grouping, g))
-    tot_k = sum(boot_k.values()) if groups else None
-    tot_n = sum(boot_n.values()) if groups else None
-
-    # point estimates from fairlearn's MetricFrame: one frame for every outcome; y_true carries row
-    # indices so each outcome's metric can apply its own validity mask within a group
-    point_by_group, point_overall, point_gap, point_ratio = {}, {}, {}, {}
-    if names and len(labels):
-        def make_metric(j):
-            def rate(rows, _pred):
-                rows = np.asarray(rows)
-                v = V[j, rows]
-                return float(Y[j, rows][v].mean()) if v.any() else float("nan")
-            return rate
-        mf = MetricFrame(metrics={name: make_metric(j) for j, name in enumerate(names)},
-                         y_true=np.arange(len(labels)), y_pred=np.zeros(len(labels)),
-                         sensitive_features=pd.Series(labels, name=grouping))
-        diff, ratio = mf.difference(), mf.ratio()
-        for name in names:
-            point_by_group[name] = mf.by_group[name].astype(float)
-            point_overall[name] = float(mf.overall[name])
-            point_gap[name], point_ratio[name] = float(diff[name]), float(ratio[name])
-    else:
-        for name in names:
-            point_by_group[name] = pd.Series(dtype=float)
-            point_overall[name] = point_gap[name] = point_ratio[name] = float("nan")
-
+    Y, V = frame.arrays()
+    draws = _bootstrap(Y, V, members, n_boot, seed, grouping)
+    points = _point_estimates(Y, V, labels, grouping)
     rows, summary, samples = [], [], {}
     with np.errstate(divide="ignore", invalid="ignore"):
-        for j, name in enumerate(names):
-            valid = V[j]
-            y = Y[j]
-            by_group = point_by_group[name]
-            overall, gap, ratio_min_max = point_overall[name], point_gap[name], point_ratio[name]
-            ks = {g: int((y & valid)[members[g]].sum()) for g in groups}
-            ns = {g: int(valid[members[g]].sum()) for g in groups}
-            K, N = sum(ks.values()), sum(ns.values())
-            p_star = {g: boot_k[g][j] / boot_n[g][j] for g in groups}
-            group_rows = []
-            for g in groups:
-                k, n = ks[g], ns[g]
-                rate = float(by_group[g]) if g in by_group.index else float("nan")
-                kr, nr = K - k, N - n
-                rest = kr / nr if nr else float("nan")
-                rest_star = (tot_k[j] - boot_k[g][j]) / (tot_n[j] - boot_n[g][j])
-                r_star = p_star[g] / rest_star
-                samples[(name, g)] = p_star[g]
-                z, pz = two_proportion_z(k, n, kr, nr)
-                lo, hi = wilson(k, n, confidence)
-                dlo, dhi = newcombe_diff(k, n, kr, nr, confidence)
-                rlo, rhi = percentile_interval(r_star, confidence)
-                group_rows.append({
-                    "outcome": name, "grouping": grouping, "group": g, "n": n, "count": k, "rate": rate,
-                    "ci_low": lo, "ci_high": hi, "rest_rate": rest,
-                    "diff_vs_rest": rate - rest if n and nr else float("nan"), "diff_ci_low": dlo, "diff_ci_high": dhi,
-                    "ratio_vs_rest": (rate / rest if rest else (float("inf") if rate else float("nan"))) if n and nr else float("nan"),
-                    "ratio_ci_low": rlo, "ratio_ci_high": rhi,
-                    "z": z, "p_z": pz, "p_fisher": fisher_p(k, n, kr, nr),
-                })
-            adj = holm([r["p_fisher"] for r in group_rows])
-            for r, p in zip(group_rows, adj):
-                r["p_fisher_holm"] = float(p)
+        for j, key in enumerate(frame.keys):
+            counts = _Counts.of(Y[j], V[j], members)
+            head = {**frame.key_columns(key), "grouping": grouping}
+            group_rows = _group_rows(head, counts, points.by_group[j], draws, j, confidence)
             rows += group_rows
-            gap_lo, gap_hi = max_gap_interval([ks[g] for g in groups], [ns[g] for g in groups], confidence)
-            ratio_lo, ratio_hi = min_ratio_interval([ks[g] for g in groups], [ns[g] for g in groups], confidence)
-            summary.append({"outcome": name, "grouping": grouping, "n": N, "count": K, "overall": overall,
-                            "max_gap": gap, "max_gap_ci_low": gap_lo, "max_gap_ci_high": gap_hi,
-                            "min_ratio": ratio_min_max, "min_ratio_ci_low": ratio_lo, "min_ratio_ci_high": ratio_hi,
-                            "p_chi2": chi2_homogeneity_p([ks[g] for g in groups], [ns[g] for g in groups]),
-                            "n_groups": sum(1 for g in groups if ns[g] > 0)})
-    return pd.DataFrame(rows), pd.DataFrame(summary), samples
+            samples.update({(key, g): draws.rates(j, g) for g in groups})
+            summary.append(_summary_row(head, counts, points, j, confidence))
+    key_names = frame.key_names
+    return Disaggregation(grouping, key_names, pd.DataFrame(rows, columns=[*key_names, *GROUP_COLUMNS]),
+                          pd.DataFrame(summary, columns=[*key_names, *SUMMARY_COLUMNS]), samples, confidence)
+
+
+@dataclass(frozen=True)
+class _Counts:
+    """One outcome's positives ``k[g]`` and valid rows ``n[g]`` per group (groups in sorted order)."""
+    k: dict[str, int]
+    n: dict[str, int]
+
+    @classmethod
+    def of(cls, y: np.ndarray, valid: np.ndarray, members: Mapping[str, np.ndarray]) -> _Counts:
+        return cls({g: int((y & valid)[m].sum()) for g, m in members.items()},
+                   {g: int(valid[m].sum()) for g, m in members.items()})
+
+    @property
+    def total(self) -> tuple[int, int]:
+        return sum(self.k.values()), sum(self.n.values())
+
+
+@dataclass(frozen=True)
+class _Draws:
+    """Bootstrap sums per group, ``k[g]`` and ``n[g]`` of shape ``(n_outcomes, n_boot)``, and their totals."""
+    k: dict[str, np.ndarray]
+    n: dict[str, np.ndarray]
+    total_k: np.ndarray | None
+    total_n: np.ndarray | None
+
+    def rates(self, j: int, g: str) -> np.ndarray:
+        """Bootstrap rates ``p*`` of outcome ``j`` in group ``g``."""
+        return self.k[g][j] / self.n[g][j]
+
+    def rest_rates(self, j: int, g: str) -> np.ndarray:
+        """Bootstrap rates of outcome ``j`` over every group but ``g`` (from the same resamples)."""
+        return (self.total_k[j] - self.k[g][j]) / (self.total_n[j] - self.n[g][j])
+
+
+def _bootstrap(Y: np.ndarray, V: np.ndarray, members: Mapping[str, np.ndarray], n_boot: int, seed: int,
+               grouping: str) -> _Draws:
+    """Resample every group's rows once (seeded by ``(seed, grouping, group)``) for every outcome."""
+    k, n = {}, {}
+    for g, rows in members.items():
+        k[g], n[g] = bootstrap_group_sums(Y, V, rows, n_boot, _draw_seed(seed, grouping, g))
+    return _Draws(k, n, sum(k.values()) if members else None, sum(n.values()) if members else None)
+
+
+@dataclass(frozen=True)
+class _Points:
+    """Point estimates per outcome index: rates per group (a Series), overall, largest gap, smallest ratio."""
+    by_group: list[pd.Series]
+    overall: list[float]
+    gap: list[float]
+    ratio: list[float]
+
+
+def _point_estimates(Y: np.ndarray, V: np.ndarray, labels: np.ndarray, grouping: str) -> _Points:
+    """Point estimates from fairlearn's ``MetricFrame``, one metric per outcome.
+
+    ``y_true`` carries row indices so each outcome's metric applies its own validity mask within a group.
+    """
+    from fairlearn.metrics import MetricFrame
+    n_out = Y.shape[0]
+    if not n_out or not len(labels):
+        nan = [float("nan")] * n_out
+        return _Points([pd.Series(dtype=float)] * n_out, nan, nan, nan)
+
+    def make_metric(j):
+        def rate(rows, _pred):
+            rows = np.asarray(rows)
+            v = V[j, rows]
+            return float(Y[j, rows][v].mean()) if v.any() else float("nan")
+        return rate
+    names = [f"outcome {j}" for j in range(n_out)]
+    mf = MetricFrame(metrics={name: make_metric(j) for j, name in enumerate(names)},
+                     y_true=np.arange(len(labels)), y_pred=np.zeros(len(labels)),
+                     sensitive_features=pd.Series(labels, name=grouping))
+    diff, ratio = mf.difference(), mf.ratio()
+    return _Points([mf.by_group[name].astype(float) for name in names], [float(mf.overall[name]) for name in names],
+                   [float(diff[name]) for name in names], [float(ratio[name]) for name in names])
+
+
+def _group_rows(head: dict, counts: _Counts, by_group: pd.Series, draws: _Draws, j: int,
+                confidence: float) -> list[dict]:
+    """One row per group for outcome ``j``: rate, difference and ratio to the rest, intervals, tests."""
+    K, N = counts.total
+    rows = []
+    for g in counts.k:
+        k, n = counts.k[g], counts.n[g]
+        rate = float(by_group[g]) if g in by_group.index else float("nan")
+        kr, nr = K - k, N - n
+        rest = kr / nr if nr else float("nan")
+        r_star = draws.rates(j, g) / draws.rest_rates(j, g)
+        z, pz = two_proportion_z(k, n, kr, nr)
+        lo, hi = wilson(k, n, confidence)
+        dlo, dhi = newcombe_diff(k, n, kr, nr, confidence)
+        rlo, rhi = percentile_interval(r_star, confidence)
+        rows.append({
+            **head, "group": g, "n": n, "count": k, "rate": rate,
+            "ci_low": lo, "ci_high": hi, "rest_rate": rest,
+            "diff_vs_rest": rate - rest if n and nr else float("nan"), "diff_ci_low": dlo, "diff_ci_high": dhi,
+            "ratio_vs_rest": _ratio_to_rest(rate, rest) if n and nr else float("nan"),
+            "ratio_ci_low": rlo, "ratio_ci_high": rhi,
+            "z": z, "p_z": pz, "p_fisher": fisher_p(k, n, kr, nr),
+        })
+    for row, p in zip(rows, holm([r["p_fisher"] for r in rows])):
+        row["p_fisher_holm"] = float(p)
+    return rows
+
+
+def _ratio_to_rest(rate: float, rest: float) -> float:
+    """``rate / rest``; inf for a positive rate over a zero rest, NaN for 0 / 0."""
+    return rate / rest if rest else (float("inf") if rate else float("nan"))
+
+
+def _summary_row(head: dict, counts: _Counts, points: _Points, j: int, confidence: float) -> dict:
+    """The grouping as a whole for outcome ``j``: overall rate, largest gap and smallest ratio with
+    simultaneous intervals, chi-square homogeneity p-value, number of groups with rows."""
+    K, N = counts.total
+    k, n = list(counts.k.values()), list(counts.n.values())
+    gap_lo, gap_hi = max_gap_interval(k, n, confidence)
+    ratio_lo, ratio_hi = min_ratio_interval(k, n, confidence)
+    return {**head, "n": N, "count": K, "overall": points.overall[j],
+            "max_gap": points.gap[j], "max_gap_ci_low": gap_lo, "max_gap_ci_high": gap_hi,
+            "min_ratio": points.ratio[j], "min_ratio_ci_low": ratio_lo, "min_ratio_ci_high": ratio_hi,
+            "p_chi2": chi2_homogeneity_p(k, n), "n_groups": sum(1 for x in n if x > 0)}
 
 
 # ---------------------------------------------------------------------------------------

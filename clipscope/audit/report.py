@@ -13,18 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..io import figure_png, write_bytes_atomic, write_text_atomic
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
-padding:0 1em;color:#222;line-height:1.45}
-table{border-collapse:collapse;font-size:12px;margin:.6em 0 1.2em}
-th,td{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}
-th{background:#f3f3f3}
-pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:12px}
-.note{color:#555;font-size:13px}
-img{max-width:100%}
-"""
+from ..io import figure_png, write_text_atomic
+from ..pages import esc, page
 
 _METHODS = (
     "Rates are the share of audited images in a group whose zero-shot prediction falls in a category "
@@ -54,11 +44,6 @@ _METHODS = (
     "of random rankings at least as skewed. A zero-shot classifier was forced to pick one class for every "
     "image: rates depend on the class list, which is what the taxonomy comparison shows."
 )
-
-
-def esc(value) -> str:
-    """HTML-escape any value (quotes included)."""
-    return html.escape(str(value), quote=True)
 
 
 def md_esc(value) -> str:
@@ -114,10 +99,28 @@ def _rate_table(groups: pd.DataFrame) -> pd.DataFrame:
 
 def _sections(result):
     """Yield (level, title, kind, payload) report blocks shared by the HTML and Markdown writers."""
+    spec = result.spec
+    yield 1, f"Audit: {spec.name}", "text", spec.description or ""
+    yield 2, "Provenance", "table", _provenance_table(result)
+    yield 2, "Skipped items", "table", result.skipped_by_group()
+    if not result.label_issues.empty:
+        yield 3, "Rows left out of accuracy metrics", "table", result.label_issues
+    tax_rows = [(t.name, ", ".join(t.classes), "; ".join(f"{k}: {', '.join(v)}" for k, v in t.harm.items()),
+                 "; ".join(f"{k} ({v.column})" for k, v in t.labels.items()),
+                 " | ".join(t.templates) if isinstance(t.templates, list) else (t.templates or "model default"))
+                for t in spec.taxonomies]
+    yield 2, "Taxonomies", "table", pd.DataFrame(tax_rows, columns=["taxonomy", "classes", "harm categories",
+                                                                    "label tasks", "templates"])
+    yield 2, "Method", "text", _METHODS
+    for model in result.models:
+        yield from _model_sections(result, model)
+    yield 2, "Spec", "code", spec.to_yaml()
+
+
+def _provenance_table(result) -> pd.DataFrame:
+    """Data set, counts, bootstrap settings, run time and every model's cache use, as (item, value) strings."""
     spec, p = result.spec, result.provenance
     conf = spec.bootstrap.confidence
-    yield 1, f"Audit: {spec.name}", "text", spec.description or ""
-    # provenance
     d = p.get("data", {})
     prov_rows = [("data kind", d.get("kind")), ("data path / source", d.get("path") or d.get("source")),
                  ("split", d.get("split")), ("data card", spec.data.data_card or "–"),
@@ -132,56 +135,47 @@ def _sections(result):
         detail = (f"id {m['id']}; {m['images_embedded']} embedded; {m['cache']['images_encoded']} encoded this run, "
                   f"{m['cache']['chunks_reused']} cached chunk(s) reused")
         prov_rows.append((f"model {m['name']}", detail))
-    yield 2, "Provenance", "table", pd.DataFrame(prov_rows, columns=["item", "value"]).astype(str)
-    yield 2, "Skipped items", "table", result.skipped_by_group()
-    if not result.label_issues.empty:
-        yield 3, "Rows left out of accuracy metrics", "table", result.label_issues
-    # taxonomies
-    tax_rows = [(t.name, ", ".join(t.classes), "; ".join(f"{k}: {', '.join(v)}" for k, v in t.harm.items()),
-                 "; ".join(f"{k} ({v.column})" for k, v in t.labels.items()),
-                 " | ".join(t.templates) if isinstance(t.templates, list) else (t.templates or "model default"))
-                for t in spec.taxonomies]
-    yield 2, "Taxonomies", "table", pd.DataFrame(tax_rows, columns=["taxonomy", "classes", "harm categories",
-                                                                    "label tasks", "templates"])
-    yield 2, "Method", "text", _METHODS
-    for model in result.models:
-        yield 2, f"Results: {model}", "text", ""
-        s = result.summary[result.summary["model"] == model] if not result.summary.empty else result.summary
-        if not s.empty:
-            cols = ["taxonomy", "outcome", "grouping", "n", "overall", "max_gap", "max_gap_ci_low",
-                    "max_gap_ci_high", "min_ratio", "min_ratio_ci_low", "min_ratio_ci_high", "p_chi2"]
-            yield 3, "Summary by grouping", "table", s[cols]
-        comp = result.compare(model=model)
-        if not comp.table.empty:
-            for o in dict.fromkeys(comp.table["outcome"]):
-                yield 3, f"Taxonomy comparison: {o}", "figure", comp.plot(outcome=o)
-                yield 4, f"{o}: side by side (rate [{int(conf * 100)}% CI]) and paired change", "table", \
-                    comp.side_by_side(outcome=o)
-        if not result.class_shares.empty:
-            from .plots import plot_class_shares
-            sh = result.class_shares[result.class_shares["model"] == model]
-            if not sh.empty:
-                yield 3, "Predicted class shares per group", "figure", plot_class_shares(sh, result.taxonomies)
-        g = result.groups[result.groups["model"] == model] if not result.groups.empty else result.groups
-        for tax in result.taxonomies:
-            gt = g[g["taxonomy"] == tax] if not g.empty else g
-            if gt.empty:
-                continue
-            yield 3, f"Taxonomy {tax}: per-group rates", "text", ""
-            for (o, grouping), sub in gt.groupby(["outcome", "grouping"], sort=False):
-                yield 4, f"{tax} · {o} · by {grouping}", "table", _rate_table(sub)
-        if not result.retrieval.empty:
-            r = result.retrieval[result.retrieval["model"] == model]
-            if not r.empty:
-                from .plots import plot_retrieval
-                yield 3, f"Retrieval (desired distribution: {spec.retrieval.desired})", "figure", plot_retrieval(r)
-                yield 4, "MaxSkew@k and NDKL@k", "table", r.drop(columns=["model"])
-    yield 2, "Spec", "code", spec.to_yaml()
+    return pd.DataFrame(prov_rows, columns=["item", "value"]).astype(str)
+
+
+def _model_sections(result, model: str):
+    """Yield one model's report blocks: summary, taxonomy comparison, class shares, per-group rates, retrieval."""
+    conf = result.spec.bootstrap.confidence
+    yield 2, f"Results: {model}", "text", ""
+    s = result.summary[result.summary["model"] == model] if not result.summary.empty else result.summary
+    if not s.empty:
+        cols = ["taxonomy", "outcome", "grouping", "n", "overall", "max_gap", "max_gap_ci_low",
+                "max_gap_ci_high", "min_ratio", "min_ratio_ci_low", "min_ratio_ci_high", "p_chi2"]
+        yield 3, "Summary by grouping", "table", s[cols]
+    comp = result.compare(model=model)
+    if not comp.table.empty:
+        for o in dict.fromkeys(comp.table["outcome"]):
+            yield 3, f"Taxonomy comparison: {o}", "figure", comp.plot(outcome=o)
+            yield 4, f"{o}: side by side (rate [{int(conf * 100)}% CI]) and paired change", "table", \
+                comp.side_by_side(outcome=o)
+    if not result.class_shares.empty:
+        from .plots import plot_class_shares
+        sh = result.class_shares[result.class_shares["model"] == model]
+        if not sh.empty:
+            yield 3, "Predicted class shares per group", "figure", plot_class_shares(sh, result.taxonomies)
+    g = result.groups[result.groups["model"] == model] if not result.groups.empty else result.groups
+    for tax in result.taxonomies:
+        gt = g[g["taxonomy"] == tax] if not g.empty else g
+        if gt.empty:
+            continue
+        yield 3, f"Taxonomy {tax}: per-group rates", "text", ""
+        for (o, grouping), sub in gt.groupby(["outcome", "grouping"], sort=False):
+            yield 4, f"{tax} · {o} · by {grouping}", "table", _rate_table(sub)
+    r = result.retrieval[result.retrieval["model"] == model] if not result.retrieval.empty else result.retrieval
+    if not r.empty:
+        from .plots import plot_retrieval
+        title = f"Retrieval (desired distribution: {result.spec.retrieval.desired})"
+        yield 3, title, "figure", plot_retrieval(r)
+        yield 4, "MaxSkew@k and NDKL@k", "table", r.drop(columns=["model"])
 
 
 def render_html(result) -> str:
-    parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-             f"<title>{esc('clipscope audit: ' + result.spec.name)}</title><style>{_CSS}</style></head><body>"]
+    parts = []
     for level, title, kind, payload in _sections(result):
         parts.append(f"<h{level}>{esc(title)}</h{level}>")
         if kind == "text" and payload:
@@ -192,8 +186,7 @@ def render_html(result) -> str:
             parts.append(f"<img alt='{esc(title)}' src='data:image/png;base64,{_png(payload)}'>")
         elif kind == "code":
             parts.append(f"<pre>{esc(payload)}</pre>")
-    parts.append("<p class='note'>Written by clipscope.audit.</p></body></html>")
-    return "\n".join(parts)
+    return page(f"clipscope audit: {result.spec.name}", "\n".join(parts), heading=False)
 
 
 def render_markdown(result, figure_files: bool = False) -> str:

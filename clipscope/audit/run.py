@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import prompts
 from ..io import OutputError
-from .adapters import KEY, ROW, load_data
+from .adapters import KEY, ROW, AuditData, load_data
 from .cache import embed_cached
-from .compare import paired_changes
+from .compare import CHANGE_COLUMNS, paired_changes
+from .frames import Outcomes
 from .metrics import disaggregate, group_labels, retrieval_metrics
 from .result import AuditResult
 from .spec import AuditSpec, ModelSpec, SpecError, expand_path, load_spec
@@ -38,45 +39,60 @@ def _load_model(m: ModelSpec | Any, device: str):
     return clipscope.load(m.name, pretrained=m.pretrained, device=device)
 
 
+#: Columns of ``AuditResult.label_issues``.
+ISSUE_COLUMNS = ["model", "taxonomy", "task", "column", "reason", "value", "count"]
+#: Columns of ``AuditResult.class_shares``.
+SHARE_COLUMNS = ["model", "taxonomy", "grouping", "group", "class", "count", "share"]
+
+
 def _outcomes_for(spec: AuditSpec, tax, pred: np.ndarray, frame: pd.DataFrame, metric_set: Sequence[str],
-                  issues: list[dict], model_name: str) -> dict[tuple[str, str], tuple[str, np.ndarray, np.ndarray]]:
-    """Binary outcomes of one taxonomy: ``{(taxonomy, outcome): (metric, y, valid)}``."""
-    classes = np.asarray(tax.classes)
-    predicted = classes[pred]
-    out = {}
-    n = len(pred)
+                  issues: list[dict], model_name: str) -> Outcomes:
+    """Binary outcomes of one taxonomy, keyed by ``(taxonomy, outcome)``, for the metric families asked for.
+
+    ``pred`` is the index of each row's predicted class. Label values left out of an accuracy outcome
+    are appended to ``issues``.
+    """
+    predicted = np.asarray(tax.classes)[pred]
+    arrays, metric = {}, {}
     if "harm_rate" in metric_set:
         for cat, members in tax.harm.items():
-            out[(tax.name, f"harm:{cat}")] = ("harm_rate", np.isin(predicted, members), np.ones(n, bool))
+            arrays[(tax.name, f"harm:{cat}")] = (np.isin(predicted, members), np.ones(len(pred), bool))
+            metric[(tax.name, f"harm:{cat}")] = "harm_rate"
     if "accuracy" in metric_set:
         for task, lab in tax.labels.items():
-            if lab.column not in frame.columns:
-                raise ValueError(f"taxonomy {tax.name!r} label task {task!r}: column {lab.column!r} is not in the "
-                                 f"data; valid columns: {[c for c in frame.columns if c not in (KEY, ROW)]}")
-            correct = lab.correct_classes()
-            values = frame[lab.column].to_numpy(dtype=object)
-            y = np.zeros(n, bool)
-            valid = np.zeros(n, bool)
-            unmapped: dict[str, int] = {}
-            missing = 0
-            for i, v in enumerate(values):
-                if v is None or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and not v.strip()):
-                    missing += 1
-                    continue
-                cls = correct.get(str(v))
-                if cls is None:
-                    unmapped[str(v)] = unmapped.get(str(v), 0) + 1
-                    continue
-                valid[i] = True
-                y[i] = predicted[i] in cls
-            if missing:
-                issues.append({"model": model_name, "taxonomy": tax.name, "task": task, "column": lab.column,
-                               "reason": "missing label value", "value": None, "count": missing})
-            for v, c in unmapped.items():
-                issues.append({"model": model_name, "taxonomy": tax.name, "task": task, "column": lab.column,
-                               "reason": "label value has no correct class in this taxonomy", "value": v, "count": c})
-            out[(tax.name, f"accuracy:{task}")] = ("accuracy", y, valid)
-    return out
+            head = {"model": model_name, "taxonomy": tax.name, "task": task, "column": lab.column}
+            arrays[(tax.name, f"accuracy:{task}")] = _accuracy(predicted, frame[lab.column], lab.correct_classes(),
+                                                               head, issues)
+            metric[(tax.name, f"accuracy:{task}")] = "accuracy"
+    return Outcomes.from_arrays(arrays, names=("taxonomy", "outcome"), metric=metric, n_rows=len(pred))
+
+
+def _accuracy(predicted: np.ndarray, values: pd.Series, correct: dict[str, list[str]], head: dict,
+              issues: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """``(correct, valid)`` per row: the prediction is a correct class for the row's label value.
+
+    Rows with a missing label value or one without correct classes are not valid; each kind is counted
+    into ``issues`` (one row per reason and value, starting with ``head``).
+    """
+    n = len(predicted)
+    y, valid = np.zeros(n, bool), np.zeros(n, bool)
+    unmapped: dict[str, int] = {}
+    missing = 0
+    for i, v in enumerate(values.to_numpy(dtype=object)):
+        if v is None or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and not v.strip()):
+            missing += 1
+            continue
+        cls = correct.get(str(v))
+        if cls is None:
+            unmapped[str(v)] = unmapped.get(str(v), 0) + 1
+            continue
+        valid[i] = True
+        y[i] = predicted[i] in cls
+    if missing:
+        issues.append({**head, "reason": "missing label value", "value": None, "count": missing})
+    for v, c in unmapped.items():
+        issues.append({**head, "reason": "label value has no correct class in this taxonomy", "value": v, "count": c})
+    return y, valid
 
 
 def check_writable(folder: Path) -> None:
@@ -107,137 +123,208 @@ def run_audit(spec_or_path: str | os.PathLike | AuditSpec | dict, *, out: str | 
 
     The output folder (when writing) and the cache folder are checked for writing before the data
     are read or any image is encoded: :class:`~clipscope.io.OutputError` names the folder and the cause.
+    A taxonomy without ``harm`` or ``labels`` contributes its class shares and predictions only.
     """
-    from tqdm.auto import tqdm
-
     spec = load_spec(spec_or_path)
     t_start = time.perf_counter()
     out_dir = Path(expand_path(str(out) if out is not None else spec.output))
     cache = _cache_folder(cache_dir, spec, out_dir)
     for folder in ([out_dir] if write else []) + [cache]:
         check_writable(folder)
-    metric_set = spec.metric_set()
     data = _load_data(spec)
-    for t in spec.taxonomies:  # label columns must exist before any encoding starts
-        for task, lab in t.labels.items():
-            if "accuracy" in metric_set and lab.column not in data.columns:
-                raise ValueError(f"taxonomy {t.name!r} label task {task!r}: column {lab.column!r} is not in the "
-                                 f"data; valid columns: {data.columns}")
-    groupings = spec.groupings()
+    _check_label_columns(spec, data)
     model_list = list(models) if models is not None else list(spec.models)
-    boot = spec.bootstrap
-
-    all_groups, all_summary, all_changes, all_shares, all_retr = [], [], [], [], []
-    skipped_parts, issues, model_prov = [], [], []
-    predictions = None
-    skipped_pre = data.skipped.assign(stage="before encoding", model=None)
-    skipped_parts.append(skipped_pre)
-
-    for m in model_list:
-        model = _load_model(m, spec.device)
-        mname = model.name
-        t0 = time.perf_counter()
-        cached = embed_cached(model, data, cache, chunk_size=spec.chunk_size, batch_size=spec.batch_size,
-                              progress=progress)
-        t_embed = time.perf_counter() - t0
-        frame = data.frame.iloc[cached.rows].reset_index(drop=True)
-        if cached.unreadable:
-            bad_rows = [r for r, _ in cached.unreadable]
-            bad = data.frame.iloc[bad_rows][[KEY, ROW, *data.group_columns]].copy()
-            bad["reason"] = [r for _, r in cached.unreadable]
-            bad["stage"] = "encoding"
-            bad["model"] = mname
-            skipped_parts.append(bad)
-        emb = cached.embeddings
-        if predictions is None:
-            predictions = frame.copy()
-        taxonomy_outcomes: dict = {}
-        timings = {}
-        for tax in tqdm(spec.taxonomies, desc="audit: taxonomies", leave=False,
-                        disable=not (progress if progress is not None else len(spec.taxonomies) > 2)):
-            t1 = time.perf_counter()
-            templates = prompts.resolve_templates(tax.templates, model.default_templates)
-            with torch.no_grad():
-                cls = model.class_embeddings(tax.classes, templates).float().cpu()
-            pred = (emb @ cls.T).argmax(dim=1).numpy() if len(emb) else np.zeros(0, int)
-            col = f"{mname} / {tax.name}" if len(model_list) > 1 else tax.name
-            if len(predictions) == len(frame):
-                predictions[f"prediction: {col}"] = np.asarray(tax.classes)[pred]
-            for grouping in groupings:
-                if len(grouping) > 1:
-                    continue
-                labels = group_labels(frame, grouping)
-                for g in sorted(set(labels.tolist())):
-                    sel = pred[labels == g]
-                    counts = np.bincount(sel, minlength=len(tax.classes))
-                    for ci, c in enumerate(tax.classes):
-                        all_shares.append({"model": mname, "taxonomy": tax.name, "grouping": grouping[0], "group": g,
-                                           "class": c, "count": int(counts[ci]),
-                                           "share": float(counts[ci] / max(1, len(sel)))})
-            taxonomy_outcomes.update(_outcomes_for(spec, tax, pred, frame, metric_set, issues, mname))
-            timings[tax.name] = time.perf_counter() - t1
-
-        # metrics: one bootstrap per grouping covers every taxonomy and outcome (paired resamples)
-        t2 = time.perf_counter()
-        names = {f"{t}\x1f{o}": (y, v) for (t, o), (_, y, v) in taxonomy_outcomes.items()}
-        metric_of = {o: mk for (t, o), (mk, _, _) in taxonomy_outcomes.items()}
-        for grouping in groupings:
-            gname = " × ".join(grouping)
-            labels = group_labels(frame, grouping)
-            groups_df, summary_df, samples = disaggregate(names, labels, grouping=gname, n_boot=boot.n,
-                                                          seed=boot.seed, confidence=boot.confidence)
-            for df in (groups_df, summary_df):
-                if df.empty:
-                    continue
-                split = df["outcome"].str.split("\x1f", n=1, expand=True)
-                df.insert(0, "taxonomy", split[0])
-                df["outcome"] = split[1]
-                df.insert(0, "model", mname)
-                df.insert(2, "metric", df["outcome"].map(metric_of))
-            all_groups.append(groups_df)
-            all_summary.append(summary_df)
-            outcomes = {(t, o): (y, v) for (t, o), (_, y, v) in taxonomy_outcomes.items()}
-            pair_samples = {(tuple(k.split("\x1f", 1)), g): s for (k, g), s in samples.items()}
-            all_changes += paired_changes(mname, gname, labels, outcomes, pair_samples,
-                                          [t.name for t in spec.taxonomies], boot.confidence)
-        t_metrics = time.perf_counter() - t2
-
-        if "retrieval" in metric_set and spec.retrieval is not None and len(emb):
-            r = spec.retrieval
-            with torch.no_grad():
-                q = model.encode_text(list(r.queries)).float().cpu()
-            sim = (q @ emb.T).numpy()
-            for col in (r.group_columns or data.group_columns):
-                df = retrieval_metrics(sim, group_labels(frame, [col]), r.queries, r.k, grouping=col,
-                                       desired=r.desired, n_random=r.n_random, seed=boot.seed)
-                df.insert(0, "model", mname)
-                all_retr.append(df)
-        model_prov.append({"name": mname, "id": model.id, "pretrained": model.pretrained,
-                           "images_embedded": len(emb), "unreadable": len(cached.unreadable),
-                           "cache": cached.stats, "embed_seconds": round(t_embed, 3),
-                           "taxonomy_seconds": {k: round(v, 4) for k, v in timings.items()},
-                           "metrics_seconds": round(t_metrics, 3)})
-
-    def cat(parts, columns=None):
-        parts = [p for p in parts if p is not None and len(p)]
-        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
-
-    skipped = cat(skipped_parts, [KEY, ROW, "reason", "stage", "model", *data.group_columns])
-    skipped = skipped.rename(columns={KEY: "key", ROW: "row"})
-    provenance = {"spec_name": spec.name, "data": data.provenance, "models": model_prov,
-                  "rows_audited": int(model_prov[0]["images_embedded"]) if model_prov else 0,
-                  "rows_skipped": len(skipped), "groupings": [" × ".join(g) for g in groupings],
-                  "metrics": list(metric_set), "bootstrap": boot.model_dump(),
-                  "seconds": round(time.perf_counter() - t_start, 3), "cache_dir": str(cache)}
-    preds = predictions if predictions is not None else data.frame.iloc[:0]
-    result = AuditResult(
-        spec=spec, groups=cat(all_groups), summary=cat(all_summary), changes=pd.DataFrame(all_changes),
-        class_shares=pd.DataFrame(all_shares), retrieval=cat(all_retr), skipped=skipped,
-        label_issues=pd.DataFrame(issues, columns=["model", "taxonomy", "task", "column", "reason", "value", "count"]),
-        predictions=preds.rename(columns={KEY: "key", ROW: "row"}), provenance=provenance, output_dir=out_dir)
+    parts = []
+    for m in model_list:  # one model in memory at a time
+        parts.append(_audit_model(_load_model(m, spec.device), spec, data, cache, several=len(model_list) > 1,
+                                  progress=progress))
+    result = _assemble(spec, data, parts, cache, out_dir, t_start)
     if write:
         result.write_report(out_dir)
     return result
+
+
+def _check_label_columns(spec: AuditSpec, data: AuditData) -> None:
+    """Every label column an accuracy metric reads must be in the data (checked before any encoding)."""
+    if "accuracy" not in spec.metric_set():
+        return
+    for t in spec.taxonomies:
+        for task, lab in t.labels.items():
+            if lab.column not in data.columns:
+                raise ValueError(f"taxonomy {t.name!r} label task {task!r}: column {lab.column!r} is not in the "
+                                 f"data; valid columns: {data.columns}")
+
+
+@dataclass
+class _ModelAudit:
+    """What one model's audit produced: ``frame`` (the audited rows), prediction columns, the tables'
+    parts, its unreadable rows, label issues and provenance."""
+    name: str
+    frame: pd.DataFrame
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)
+    groups: list[pd.DataFrame] = field(default_factory=list)
+    summary: list[pd.DataFrame] = field(default_factory=list)
+    changes: list[dict] = field(default_factory=list)
+    shares: list[dict] = field(default_factory=list)
+    retrieval: list[pd.DataFrame] = field(default_factory=list)
+    issues: list[dict] = field(default_factory=list)
+    unreadable: pd.DataFrame | None = None
+    provenance: dict = field(default_factory=dict)
+
+
+def _audit_model(model, spec: AuditSpec, data: AuditData, cache: Path, *, several: bool,
+                 progress: bool | None) -> _ModelAudit:
+    """Embed (through the cache), classify under every taxonomy, disaggregate, and measure retrieval."""
+    t0 = time.perf_counter()
+    cached = embed_cached(model, data, cache, chunk_size=spec.chunk_size, batch_size=spec.batch_size,
+                          progress=progress)
+    t_embed = time.perf_counter() - t0
+    part = _ModelAudit(model.name, data.frame.iloc[cached.rows].reset_index(drop=True))
+    part.unreadable = _unreadable_rows(data, cached.unreadable, model.name)
+    outcomes, timings = _classify(model, spec, cached.embeddings, part, several=several, progress=progress)
+    t2 = time.perf_counter()
+    _disaggregate_all(part, outcomes, spec)
+    t_metrics = time.perf_counter() - t2
+    if "retrieval" in spec.metric_set() and spec.retrieval is not None and len(cached.embeddings):
+        part.retrieval = _retrieval(model, spec, cached.embeddings, part.frame, data.group_columns)
+    part.provenance = {"name": model.name, "id": model.id, "pretrained": model.pretrained,
+                       "images_embedded": len(cached.embeddings), "unreadable": len(cached.unreadable),
+                       "cache": cached.stats, "embed_seconds": round(t_embed, 3),
+                       "taxonomy_seconds": {k: round(v, 4) for k, v in timings.items()},
+                       "metrics_seconds": round(t_metrics, 3)}
+    return part
+
+
+def _unreadable_rows(data: AuditData, unreadable: list[tuple[int, str]], model_name: str) -> pd.DataFrame | None:
+    """Rows whose image could not be read, with their group values, the reason and stage ``encoding``."""
+    if not unreadable:
+        return None
+    bad = data.frame.iloc[[r for r, _ in unreadable]][[KEY, ROW, *data.group_columns]].copy()
+    bad["reason"] = [r for _, r in unreadable]
+    bad["stage"] = "encoding"
+    bad["model"] = model_name
+    return bad
+
+
+def _classify(model, spec: AuditSpec, embeddings: torch.Tensor, part: _ModelAudit, *, several: bool,
+              progress: bool | None) -> tuple[Outcomes, dict[str, float]]:
+    """Zero-shot classify the embeddings under every taxonomy (only class prompts are encoded).
+
+    Fills ``part``'s prediction columns, class shares and label issues; returns every taxonomy's
+    outcomes in one frame and the seconds spent per taxonomy.
+    """
+    from tqdm.auto import tqdm
+    parts, timings = [], {}
+    show = progress if progress is not None else len(spec.taxonomies) > 2
+    for tax in tqdm(spec.taxonomies, desc="audit: taxonomies", leave=False, disable=not show):
+        t1 = time.perf_counter()
+        head = model.classifier(tax.classes, tax.templates)
+        with torch.no_grad():
+            pred = head.top1(embeddings).cpu().numpy()
+        col = f"{part.name} / {tax.name}" if several else tax.name
+        part.predictions[f"prediction: {col}"] = np.asarray(tax.classes)[pred]
+        part.shares += _class_shares(part.name, tax, pred, part.frame, spec.groupings())
+        parts.append(_outcomes_for(spec, tax, pred, part.frame, spec.metric_set(), part.issues, part.name))
+        timings[tax.name] = time.perf_counter() - t1
+    return Outcomes.concat(parts, n_rows=len(part.frame)), timings
+
+
+def _class_shares(model_name: str, tax, pred: np.ndarray, frame: pd.DataFrame,
+                  groupings: list[tuple[str, ...]]) -> list[dict]:
+    """Share of each predicted class in each group of every single-column grouping."""
+    rows = []
+    for grouping in [g for g in groupings if len(g) == 1]:
+        labels = group_labels(frame, grouping)
+        for g in sorted(set(labels.tolist())):
+            sel = pred[labels == g]
+            counts = np.bincount(sel, minlength=len(tax.classes))
+            rows += [{"model": model_name, "taxonomy": tax.name, "grouping": grouping[0], "group": g, "class": c,
+                      "count": int(counts[ci]), "share": float(counts[ci] / max(1, len(sel)))}
+                     for ci, c in enumerate(tax.classes)]
+    return rows
+
+
+def _disaggregate_all(part: _ModelAudit, outcomes: Outcomes, spec: AuditSpec) -> None:
+    """Disaggregate every outcome by every grouping (one bootstrap per grouping covers every taxonomy and
+    outcome, so taxonomy changes are paired) into ``part``'s groups, summary and changes."""
+    boot = spec.bootstrap
+    for grouping in spec.groupings():
+        labels = group_labels(part.frame, grouping)
+        result = disaggregate(outcomes, labels, grouping=" × ".join(grouping), n_boot=boot.n, seed=boot.seed,
+                              confidence=boot.confidence)
+        part.groups.append(_with_model_and_metric(result.groups, part.name, outcomes.metric))
+        part.summary.append(_with_model_and_metric(result.summary, part.name, outcomes.metric))
+        part.changes += paired_changes(part.name, outcomes, result, labels, [t.name for t in spec.taxonomies])
+
+
+def _with_model_and_metric(table: pd.DataFrame, model_name: str, metric: pd.Series) -> pd.DataFrame:
+    """``table`` (keyed by taxonomy and outcome) with the model first and each outcome's metric family third."""
+    table = table.copy()
+    table.insert(0, "model", model_name)
+    table.insert(2, "metric", [metric[key] for key in zip(table["taxonomy"], table["outcome"])])
+    return table
+
+
+def _retrieval(model, spec: AuditSpec, embeddings: torch.Tensor, frame: pd.DataFrame,
+               group_columns: list[str]) -> list[pd.DataFrame]:
+    """MaxSkew@k / NDKL@k of the spec's text queries against the image embeddings, per group column."""
+    r, boot = spec.retrieval, spec.bootstrap
+    with torch.no_grad():
+        q = model.encode_text(list(r.queries)).float().cpu()
+    sim = (q @ embeddings.T).numpy()
+    tables = []
+    for col in (r.group_columns or group_columns):
+        df = retrieval_metrics(sim, group_labels(frame, [col]), r.queries, r.k, grouping=col,
+                               desired=r.desired, n_random=r.n_random, seed=boot.seed)
+        df.insert(0, "model", model.name)
+        tables.append(df)
+    return tables
+
+
+def _concat(parts: Sequence[pd.DataFrame | None], columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """The non-empty parts stacked; with none, an empty frame with the first part's (or the given) columns."""
+    full = [p for p in parts if p is not None and len(p)]
+    if full:
+        return pd.concat(full, ignore_index=True)
+    if columns is None:
+        columns = next((list(p.columns) for p in parts if p is not None and len(p.columns)), None)
+    return pd.DataFrame(columns=columns)
+
+
+def _assemble(spec: AuditSpec, data: AuditData, parts: list[_ModelAudit], cache: Path, out_dir: Path,
+              t_start: float) -> AuditResult:
+    """One :class:`AuditResult` from every model's part, with the run's provenance."""
+    skipped = _concat([data.skipped.assign(stage="before encoding", model=None)] + [p.unreadable for p in parts],
+                      [KEY, ROW, "reason", "stage", "model", *data.group_columns])
+    skipped = skipped.rename(columns={KEY: "key", ROW: "row"})
+    prov = [p.provenance for p in parts]
+    provenance = {"spec_name": spec.name, "data": data.provenance, "models": prov,
+                  "rows_audited": int(prov[0]["images_embedded"]) if prov else 0,
+                  "rows_skipped": len(skipped), "groupings": [" × ".join(g) for g in spec.groupings()],
+                  "metrics": list(spec.metric_set()), "bootstrap": spec.bootstrap.model_dump(),
+                  "seconds": round(time.perf_counter() - t_start, 3), "cache_dir": str(cache)}
+    return AuditResult(
+        spec=spec, groups=_concat([g for p in parts for g in p.groups]),
+        summary=_concat([s for p in parts for s in p.summary]),
+        changes=pd.DataFrame([c for p in parts for c in p.changes], columns=CHANGE_COLUMNS),
+        class_shares=pd.DataFrame([s for p in parts for s in p.shares], columns=SHARE_COLUMNS),
+        retrieval=_concat([r for p in parts for r in p.retrieval]), skipped=skipped,
+        label_issues=pd.DataFrame([i for p in parts for i in p.issues], columns=ISSUE_COLUMNS),
+        predictions=_predictions(data, parts).rename(columns={KEY: "key", ROW: "row"}),
+        provenance=provenance, output_dir=out_dir)
+
+
+def _predictions(data: AuditData, parts: list[_ModelAudit]) -> pd.DataFrame:
+    """The first model's audited rows with every model's prediction columns (those of a model that audited
+    a different number of rows are left out)."""
+    if not parts:
+        return data.frame.iloc[:0]
+    predictions = parts[0].frame.copy()
+    for p in parts:
+        if len(p.frame) == len(predictions):
+            for col, values in p.predictions.items():
+                predictions[col] = values
+    return predictions
 
 
 def _cache_folder(cache_dir: str | os.PathLike | None, spec: AuditSpec, out_dir: Path) -> Path:

@@ -68,7 +68,11 @@ class LabelSpec(_Strict):
 
 
 class TaxonomySpec(_Strict):
-    """One class taxonomy: the zero-shot classes, prompts, and what counts as harmful or correct."""
+    """One class taxonomy: the zero-shot classes, prompts, and what counts as harmful or correct.
+
+    A taxonomy with neither ``harm`` nor ``labels`` has no rate outcomes: it contributes its predicted
+    class shares and predictions only.
+    """
     name: str = Field(min_length=1)
     classes: list[str] = Field(min_length=2)
     templates: str | list[str] | None = None
@@ -165,11 +169,6 @@ class AuditSpec(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False, allow_unicode=True)
-
-    def with_models(self, models: list[ModelSpec | str]) -> AuditSpec:
-        """A copy that audits ``models`` (names or :class:`ModelSpec`) instead of the spec's own."""
-        ms = [m if isinstance(m, ModelSpec) else ModelSpec(name=m) for m in models]
-        return self.model_copy(update={"models": ms})
 
 
 # ---------------------------------------------------------------------------------------
