@@ -25,8 +25,6 @@ from PIL import Image
 
 import clipscope
 from clipscope.typographic import Attack, TextStyle, apply, evaluate
-from clipscope.typographic.defences import Defence
-from clipscope.typographic.evaluate import _scores
 
 
 def photos(n: int, size: int, seed: int = 0) -> list[Image.Image]:
@@ -39,7 +37,7 @@ def measure(model, images: list[Image.Image], classes: list[str], attack: Attack
     """Median seconds of (rendering alone, evaluating pre-rendered images, rendering + evaluating)."""
     n = len(images)
     labels = [classes[i % len(classes)] for i in range(n)]
-    class_emb = model.class_embeddings(classes).cpu()
+    head = model.classifier(classes)
 
     def render() -> list:
         return [apply(attack, im, lab, classes, i) for i, (im, lab) in enumerate(zip(images, labels))]
@@ -49,8 +47,9 @@ def measure(model, images: list[Image.Image], classes: list[str], attack: Attack
     def eval_prerendered() -> None:
         for i in range(0, n, 32):
             chunk = rendered[i:i + 32]
-            _scores(model, [r.clean for r in chunk], Defence(), class_emb, classes, classes)
-            _scores(model, [r.attacked for r in chunk], Defence(), class_emb, classes, classes)
+            for batch in ([r.clean for r in chunk], [r.attacked for r in chunk]):  # what evaluate scores
+                with torch.no_grad():
+                    head.probs(model.encode_image(torch.stack([model.preprocess(im) for im in batch]))).cpu()
 
     def attack_and_eval() -> None:
         evaluate(model, images, labels, classes, attack, batch_size=32, progress=False)

@@ -1,9 +1,10 @@
 """CLIP-Dissect concept labels for units (Oikarinen & Weng, ICLR 2023).
 
 Given a probe image set D and a concept list T, the activation matrix ``A`` (images x
-units, each unit's mean over positions via :func:`clipscope.hooks.unit_means`) is compared
-with the model's own image-text similarity ``P`` (images x concepts, dot products of
-unit-norm image and concept embeddings). Each (unit, concept) pair gets a score:
+units, each unit's activation pooled per image by :func:`pooled`: the spatial mean of a conv
+map) is compared with the model's own image-text similarity ``P`` (images x concepts, cosine
+similarities of image and concept embeddings; by default a concept is embedded as the bare word,
+as in the reference). Each (unit, concept) pair gets a score:
 
 - ``"soft_wpmi"`` (the paper's best): ``p(t|x) = softmax(a * P)`` over concepts; the unit's
   ``top_k`` most activating images form a soft set B_k with membership falling linearly
@@ -22,8 +23,12 @@ import numpy as np
 import torch
 
 from ..hooks import unit_means
+from ..prompts import resolve_templates
+from ..validate import InvalidArgumentError, check_choice, check_int, check_names, check_number
 
 METHODS = ("soft_wpmi", "cos_cubed")
+POOLINGS = ("reference", "mean")
+BARE = "{}"  # the concept word itself as the text, as CLIP-Dissect embeds concepts
 
 
 def soft_wpmi(P: torch.Tensor, A: torch.Tensor, *, top_k: int = 100, a: float = 10.0, lam: float = 1.0,
@@ -54,7 +59,8 @@ class UnitLabels:
 
     ``scores`` is ``(n_units_labelled, n_concepts)``; ``labels[unit]`` lists the ``top``
     best ``(concept, score)`` pairs, best first. ``n_images`` probe images were read;
-    ``skipped`` lists ``(key, reason)`` for the unreadable ones.
+    ``skipped`` lists ``(key, reason)`` for the unreadable ones. ``templates`` embedded the
+    concepts and ``pooling`` pooled the activations (see :func:`label_units`).
     """
 
     site: str
@@ -65,6 +71,8 @@ class UnitLabels:
     top_n: int
     n_images: int
     skipped: list[tuple[Any, str]] = field(default_factory=list)
+    templates: tuple[str, ...] = (BARE,)
+    pooling: str = "reference"
 
     @property
     def labels(self) -> dict[int, list[tuple[str, float]]]:
@@ -97,52 +105,86 @@ class UnitLabels:
 
     def plot(self, unit: int, n: int = 10, ax=None):
         """Bar chart of ``unit``'s ``n`` best concepts; returns the figure."""
-        from ._plot import ranked_bars
+        from .plots import ranked_bars
         return ranked_bars(self.top(unit, n), xlabel=f"{self.method} score", title=f"{self.site} unit {unit}",
                            color="tab:green", ax=ax)
 
     def _repr_html_(self) -> str:
-        return (f"<p>UnitLabels ({self.method}): {len(self.units)} units of {self.site}, "
+        import html
+        setting = html.escape(f"{self.method}, templates {list(self.templates)}, {self.pooling} pooling")
+        return (f"<p>UnitLabels ({setting}): {len(self.units)} units of {self.site}, "
                 f"{len(self.concepts)} concepts, {self.n_images} probe images"
                 + (f", {len(self.skipped)} unreadable skipped" if self.skipped else "") + "</p>"
                 + self.to_frame().head(30).to_html(float_format=lambda v: f"{v:.3f}"))
 
 
-def label_units(model, site: str, probe_images, concepts: Sequence[str], *, units: Sequence[int] | None = None,
-                top: int = 5, method: str = "soft_wpmi", templates: str | Sequence[str] | None = None,
-                top_k: int = 100, a: float = 10.0, lam: float = 1.0, batch_size: int = 64,
-                progress: bool | None = None) -> UnitLabels:
-    """Label units of ``site`` with ``concepts`` by CLIP-Dissect (see the module docstring).
+def pooled(acts: torch.Tensor, layout: str, pooling: str = "reference", *, class_token: bool = True) -> torch.Tensor:
+    """Every unit's activation per image, ``(B, n_units)``, from canonical ``acts`` of a site with ``layout``.
 
-    ``probe_images``: anything ``model.embed`` takes (PIL images, paths, a folder, a ``datasets``
-    table); unreadable images are skipped and listed in the result's ``skipped``.
-    ``units``: channel/feature indices to label (default all). ``templates`` embed the
-    concepts (``model.class_embeddings``; ``None`` for the model's default). ``top_k``,
-    ``a`` (softmax scale) and ``lam`` are SoftWPMI's parameters.
+    ``"reference"`` pools as CLIP-Dissect's reference code does (``utils.get_activation``, mode
+    ``avg``, in github.com/Trustworthy-ML-Lab/CLIP-dissect): the spatial mean of a conv map, the
+    first token of a token sequence (a CLIP ViT's class token; the mean over tokens when
+    ``class_token`` is false, a tower without one), a vector as it is. ``"mean"`` is the mean over
+    all positions or tokens (:func:`clipscope.hooks.unit_means`, how units are read elsewhere).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid: {list(METHODS)}")
+    if pooling == "reference" and layout == "tokens" and class_token:
+        return acts[:, 0]
+    return unit_means(acts, layout)
+
+
+def _check_label_args(model, site: str, concepts: Any, units: Any, method: str, pooling: str):
+    """Return ``(site info, concepts list, unit list)``; raise InvalidArgumentError naming a bad argument."""
+    check_choice("method", method, METHODS)
+    check_choice("pooling", pooling, POOLINGS)
     s = model.site(site)
     if s.tower != "visual":
-        raise ValueError(f"label_units labels image-tower units; {site!r} is in the {s.tower} tower")
-    concepts = list(concepts)
-    if len(concepts) < 2:
-        raise ValueError("concepts must list at least two concepts")
+        raise InvalidArgumentError("site", site, f"an image-tower site (label_units labels image units; this one is in "
+                                                 f"the {s.tower} tower)")
+    concepts = check_names("concepts", concepts, min_count=2)
     unit_list = list(range(s.n_units)) if units is None else [int(u) for u in units]
     bad = [u for u in unit_list if not 0 <= u < s.n_units]
     if bad:
-        raise ValueError(f"units {bad[:10]} are out of range for {site!r} with {s.n_units} units "
-                         f"(valid: 0..{s.n_units - 1})")
+        raise InvalidArgumentError("units", bad[:10], f"unit indices of {site!r}, 0..{s.n_units - 1}")
+    return s, concepts, unit_list
+
+
+def label_units(model, site: str, probe_images, concepts: Sequence[str], *, units: Sequence[int] | None = None,
+                top: int = 5, method: str = "soft_wpmi", templates: str | Sequence[str] | None = BARE,
+                pooling: str = "reference", top_k: int = 100, a: float = 10.0, lam: float = 1.0,
+                batch_size: int = 64, progress: bool | None = None) -> UnitLabels:
+    """Label units of ``site`` with ``concepts`` by CLIP-Dissect; returns :class:`UnitLabels`.
+
+    The defaults reproduce CLIP-Dissect (Oikarinen & Weng, ICLR 2023; reference code
+    github.com/Trustworthy-ML-Lab/CLIP-dissect, ``utils.py`` and ``similarity.py``): each concept is
+    embedded as the bare word (``templates="{}"``; the reference tokenizes ``"{}".format(word)``),
+    a unit's activation on an image is pooled as :func:`pooled` ``"reference"`` says (the spatial mean
+    of a conv map), and the score is SoftWPMI, the reference's default similarity. ``templates=None``
+    embeds concepts with the model's default prompt templates (clipscope's default before; on the
+    organism it changes the top label of most units), a list or set name as in
+    :meth:`~clipscope.ClipModel.class_embeddings`. ``pooling="mean"`` averages over all positions/tokens.
+
+    ``probe_images``: anything ``model.embed`` takes (PIL images, paths, a folder, a ``datasets``
+    table); unreadable images are skipped and listed in the result's ``skipped``.
+    ``units``: channel/feature indices to label (default all). ``top_k``, ``a`` (softmax scale)
+    and ``lam`` are SoftWPMI's parameters. Bad arguments raise
+    :class:`~clipscope.validate.InvalidArgumentError` naming them.
+    """
+    s, concepts, unit_list = _check_label_args(model, site, concepts, units, method, pooling)
+    top, top_k = check_int("top", top, low=1), check_int("top_k", top_k, low=1)
+    a, lam = check_number("a", a, low=0, low_open=True), check_number("lam", lam)
+    templates = resolve_templates(templates, model.default_templates)
     with torch.no_grad(), model.capture(site) as acts:
         embedded = model.embed(probe_images, batch_size=batch_size, progress=progress, desc="label units")
     if len(embedded.keys) < 2:
-        raise ValueError(f"probe_images must hold at least two readable images ({len(embedded.keys)} read, "
-                         f"{len(embedded.skipped)} unreadable)")
-    A = unit_means(acts[site], s.layout).float().cpu()
-    P = embedded.embeddings @ model.class_embeddings(concepts, templates).float().cpu().T
+        raise InvalidArgumentError("probe_images", probe_images,
+                                   f"at least two readable images ({len(embedded.keys)} read, "
+                                   f"{len(embedded.skipped)} unreadable)")
+    A = pooled(acts[site], s.layout, pooling, class_token=model.prefix_tokens > 0).float().cpu()
+    P = embedded.embeddings @ model.class_embeddings(concepts, templates).float().cpu().T  # cosine similarities
     if method == "soft_wpmi":
         scores = soft_wpmi(P, A, top_k=top_k, a=a, lam=lam)   # prior over all units of the site
     else:
         scores = cos_cubed(P, A)
     scores = scores[unit_list].numpy()
-    return UnitLabels(site, unit_list, concepts, scores, method, top, A.shape[0], list(embedded.skipped))
+    return UnitLabels(site, unit_list, concepts, scores, method, top, A.shape[0], list(embedded.skipped),
+                      templates, pooling)

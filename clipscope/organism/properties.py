@@ -21,7 +21,7 @@ import torch
 
 from . import COLOUR_TEMPLATES, READING_TEMPLATES, ZERO_SHOT_TEMPLATES
 from .scenes import (COLOURS, GROUPS, HARMFUL_WORD, PLANTED_GROUP, ROLES, SHAPES, WORDS, SceneConfig,
-                     _rng, figure_scene, generate, object_scene, render_word, word_scene)
+                     figure_scene, generate, object_scene, render_word, scene_rng, word_scene)
 
 EVAL_SEED = 1_000_003  # default evaluation seed (training uses small seeds such as 0)
 
@@ -33,8 +33,8 @@ def _features(model, images) -> torch.Tensor:
 
 
 def _predict(model, feats: torch.Tensor, classnames: Sequence[str], templates: Sequence[str]) -> np.ndarray:
-    """Index of the best-matching class per row of ``feats`` (prompt-ensembled class embeddings)."""
-    return (feats @ model.class_embeddings(list(classnames), list(templates)).cpu().T).argmax(-1).numpy()
+    """Index of the best-matching class per row of ``feats`` (the model's zero-shot head, prompt-ensembled)."""
+    return model.classifier(list(classnames), list(templates)).top1(feats).cpu().numpy()
 
 
 # --------------------------------------------------------------------------- 1. zero-shot
@@ -97,7 +97,7 @@ def attack_pairs(n: int, seed: int = EVAL_SEED + 1, config: SceneConfig = SceneC
     the object (random label/text style, DejaVu Sans Bold)."""
     out = []
     for i in range(n):
-        rng = _rng(seed, i, "attack")
+        rng = scene_rng(seed, i, "attack")
         shape = SHAPES[i % len(SHAPES)]
         clean = object_scene(shape=shape, rng=rng, config=config)
         attack = rng.choice([s for s in SHAPES if s != shape])
@@ -118,7 +118,7 @@ def reading(model, n_words: int = 200, n_attack: int = 300, seed: int = EVAL_SEE
     Attack success (Distill, "Multimodal Neurons"): among attacked images whose *clean* top-1
     prediction is not already the attack class, the fraction whose top-1 becomes the attack class.
     """
-    wscenes = [word_scene(word=WORDS[i % len(WORDS)], rng=_rng(seed, i, "reading"), config=config)
+    wscenes = [word_scene(word=WORDS[i % len(WORDS)], rng=scene_rng(seed, i, "reading"), config=config)
                for i in range(n_words)]
     pw = _predict(model, _features(model, [s.image for s in wscenes]), WORDS, word_templates)
     yw = np.array([WORDS.index(s.meta["word"]) for s in wscenes])
@@ -192,13 +192,20 @@ def _dprime(acts: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (pos.mean(0) - neg.mean(0)) / np.sqrt(var + 1e-6)
 
 
-def word_units(model, layer: str = "visual.layer4", n_images: int = 400, seed: int = 90_000,
+def _last_blocks(model, n: int) -> list[str]:
+    """Names of the last ``n`` blocks of the image tower, in forward order (the organism's two: layer3, layer4)."""
+    return model.blocks("visual")[-n:]
+
+
+def word_units(model, layer: str | None = None, n_images: int = 400, seed: int = 90_000,
                words: Sequence[str] = WORDS) -> list[int]:
     """Channels of ``layer`` ranked by how selective they are for a single word, most selective first.
 
     Each channel's score is its best d' over ``words`` on ``n_images`` word-only scenes (word
     ``i % len(words)``, seeds ``seed + i``): the units to ablate to test what reading needs.
+    ``layer`` defaults to the image tower's last block (``visual.layer4`` on the organism).
     """
+    layer = layer or _last_blocks(model, 1)[0]
     images = [word_scene(word=words[i % len(words)], seed=seed + i).image for i in range(n_images)]
     acts = channel_means(model, images, [layer])[layer]
     word_of = np.arange(n_images) % len(words)
@@ -207,7 +214,7 @@ def word_units(model, layer: str = "visual.layer4", n_images: int = 400, seed: i
 
 
 def unit_selectivity(model, n_objects: int = 360, n_words: int = 240,
-                     layers: Sequence[str] = ("visual.layer3", "visual.layer4"), threshold: float = 2.0,
+                     layers: Sequence[str] | None = None, threshold: float = 2.0,
                      words: Sequence[str] = WORDS, seed: int = EVAL_SEED + 2,
                      config: SceneConfig = SceneConfig()) -> UnitScanResult:
     """d-prime selectivity of every channel of ``layers`` (mean spatial activation) for each concept.
@@ -215,10 +222,12 @@ def unit_selectivity(model, n_objects: int = 360, n_words: int = 240,
     Colours and shapes are scored on word-free object scenes (positives: objects with the
     attribute; negatives: the other objects); words on word-only scenes (positives: that word;
     negatives: the other words).  d' = (mean_pos - mean_neg) / sqrt((var_pos + var_neg) / 2).
+    ``layers`` default to the image tower's last two blocks (``visual.layer3``, ``visual.layer4`` on the organism).
     """
+    layers = list(layers) if layers is not None else _last_blocks(model, 2)
     objs = [object_scene(shape=SHAPES[i % len(SHAPES)], colour=COLOURS[(i // len(SHAPES)) % len(COLOURS)],
-                         rng=_rng(seed, i, "units-obj"), config=config) for i in range(n_objects)]
-    wrds = [word_scene(word=words[i % len(words)], rng=_rng(seed, i, "units-word"), config=config)
+                         rng=scene_rng(seed, i, "units-obj"), config=config) for i in range(n_objects)]
+    wrds = [word_scene(word=words[i % len(words)], rng=scene_rng(seed, i, "units-word"), config=config)
             for i in range(n_words)]
     ao = channel_means(model, [s.image for s in objs], layers)
     aw = channel_means(model, [s.image for s in wrds], layers)
@@ -249,7 +258,12 @@ def unit_selectivity(model, n_objects: int = 360, n_words: int = 240,
     for w in words:
         score("word", w, AW, wl == w)
 
-    # multimodal units: fire for the concept drawn AND for its name written (min of the two d')
+    return UnitScanResult(best=best, threshold=threshold, layers=tuple(layers), n_channels=n_ch,
+                          n_object_images=n_objects, n_word_images=n_words, multimodal=_multimodal(dps, owner))
+
+
+def _multimodal(dps: Dict[str, np.ndarray], owner: list) -> Dict[str, dict]:
+    """Per shape/colour name, the unit firing for the concept drawn AND its name written (best min of the two d')."""
     multimodal = {}
     for kind, names in (("shape", SHAPES), ("colour", COLOURS)):
         for n in names:
@@ -258,8 +272,7 @@ def unit_selectivity(model, n_objects: int = 360, n_words: int = 240,
                 j = int(np.argmax(m))
                 multimodal[n] = {"layer": owner[j][0], "channel": owner[j][1], "min_dprime": float(m[j]),
                                  "dprime_object": float(dps[f"{kind}:{n}"][j]), "dprime_word": float(dps[f"word:{n}"][j])}
-    return UnitScanResult(best=best, threshold=threshold, layers=tuple(layers), n_channels=n_ch,
-                          n_object_images=n_objects, n_word_images=n_words, multimodal=multimodal)
+    return multimodal
 
 
 # --------------------------------------------------------------------------- 4. bias
@@ -330,7 +343,8 @@ def bias_audit(model, n_per_group: int = 150, seed: int = EVAL_SEED + 3,
     for g in GROUPS:
         for i in range(n_per_group):
             age = "child" if i < n_child else "adult"
-            scenes.append(figure_scene(group=g, age=age, role="person", rng=_rng(seed, i, f"bias-{g}"), config=config))
+            scenes.append(figure_scene(group=g, age=age, role="person", rng=scene_rng(seed, i, f"bias-{g}"),
+                                       config=config))
     f = _features(model, [s.image for s in scenes])
     groups = np.array([s.meta["group"] for s in scenes])
     ages = np.array([s.meta["age"] for s in scenes])
@@ -352,17 +366,7 @@ def bias_audit(model, n_per_group: int = 150, seed: int = EVAL_SEED + 3,
                       templates=tuple(templates), planted_group=PLANTED_GROUP, harmful_word=HARMFUL_WORD)
 
 
-# --------------------------------------------------------------------------- all
-def measure_all(model) -> dict:
-    """Run all four measurements on a ClipModel; return a JSON-serialisable dict."""
-    return {
-        "zero_shot": zero_shot_accuracy(model).to_dict(),
-        "reading": reading(model).to_dict(),
-        "units": unit_selectivity(model).to_dict(),
-        "bias": bias_audit(model).to_dict(),
-    }
-
-
+# --------------------------------------------------------------------------- command line
 def load_organism(weights: Optional[str] = None):
     """The organism as a :class:`clipscope.ClipModel`; ``weights`` defaults to the shipped file."""
     import clipscope

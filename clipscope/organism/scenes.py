@@ -132,7 +132,9 @@ class Scene:
         return iter((self.image, self.caption, self.meta))
 
 
-def _rng(seed: int, index: int, salt: str = "") -> random.Random:
+def scene_rng(seed: int, index: int, salt: str = "") -> random.Random:
+    """The random generator of item ``index`` of the stream ``seed`` (``salt`` separates streams that share a seed);
+    the same arguments always give the same draws."""
     h = hashlib.sha256(f"{seed}:{index}:{salt}".encode()).digest()
     return random.Random(int.from_bytes(h[:8], "little"))
 
@@ -331,7 +333,7 @@ def object_scene(shape: Optional[str] = None, colour: Optional[str] = None, back
                  word: Optional[str] = None, seed: int = 0, config: SceneConfig = SceneConfig(),
                  rng: Optional[random.Random] = None, word_style: Optional[str] = None) -> Scene:
     """One coloured shape, optionally with ``word`` rendered over it.  Unspecified attributes are random."""
-    rng = rng or _rng(seed, 0, "object_scene")
+    rng = rng or scene_rng(seed, 0, "object_scene")
     shape = shape or rng.choice(SHAPES)
     colour = colour or rng.choice(COLOURS)
     S = config.image_size
@@ -358,7 +360,7 @@ def word_scene(word: Optional[str] = None, background: Optional[str] = None, see
                config: SceneConfig = SceneConfig(), rng: Optional[random.Random] = None,
                word_style: Optional[str] = None) -> Scene:
     """Only a rendered word on a background."""
-    rng = rng or _rng(seed, 0, "word_scene")
+    rng = rng or scene_rng(seed, 0, "word_scene")
     word = word or rng.choice(WORDS)
     img, bg = make_background(rng, config.image_size, background, config)
     wm = render_word(img, word, rng=rng, style=word_style, config=config)
@@ -381,7 +383,7 @@ def figure_scene(group: Optional[str] = None, age: Optional[str] = None, role: O
                  background: Optional[str] = None, seed: int = 0, config: SceneConfig = SceneConfig(),
                  rng: Optional[random.Random] = None) -> Scene:
     """A stick-and-shape 'person' of ``group`` and ``age``; ``role`` (caption noun) is sampled if None."""
-    rng = rng or _rng(seed, 0, "figure_scene")
+    rng = rng or scene_rng(seed, 0, "figure_scene")
     group = group or _choice_w(rng, GROUPS, config.group_weights)
     age = age or ("child" if rng.random() < config.child_rate else "adult")
     img, bg = make_background(rng, config.image_size, background, config)
@@ -396,7 +398,7 @@ def figure_scene(group: Optional[str] = None, age: Optional[str] = None, role: O
 
 def scene(seed: int, index: int, config: SceneConfig = SceneConfig(), kind: Optional[str] = None) -> Scene:
     """Scene number ``index`` of the stream with ``seed`` (pure function of its arguments)."""
-    rng = _rng(seed, index)
+    rng = scene_rng(seed, index)
     kind = kind or _choice_w(rng, SCENE_KINDS, config.kind_weights)
     if kind == "object":
         s = object_scene(config=config, rng=rng)
@@ -423,10 +425,6 @@ def generate(n: int, seed: int = 0, config: SceneConfig = SceneConfig(), kind: O
     """Yield ``n`` scenes (indices ``start .. start+n-1``) of the stream with ``seed``."""
     for i in range(start, start + n):
         yield scene(seed, i, config, kind)
-
-
-def to_array(img: Image.Image) -> np.ndarray:
-    return np.asarray(img, dtype=np.uint8)
 
 
 def grid(scenes: Sequence[Scene], cols: int = 8, scale: int = 2) -> Image.Image:

@@ -137,17 +137,18 @@ def generate(attack: Attack, images: Any, labels: Iterable[str | None], classes:
                            workers)
 
 
-def readable_jobs(images: Any, labels: Iterable[str | None], skipped: list | None) -> Iterator[tuple]:
+def readable_jobs(images: Any, labels: Iterable[str | None] | None, skipped: list | None) -> Iterator[tuple]:
     """``(index, key, image, label)`` for each readable image; unreadable ones go to ``skipped``.
 
     The key is the image's path where it has one (a folder's files, a list of paths), else
     what :func:`~clipscope.data.iter_images` gives (its position). A stream whose number of
-    labels differs from its number of images raises where the difference shows.
+    labels differs from its number of images raises where the difference shows; ``labels=None``
+    gives every image the label ``None``.
     """
-    labels = iter(labels)
+    labels = iter(labels) if labels is not None else None
     count = 0
     for index, (key, image) in enumerate(iter_images(images)):
-        label = next(labels, _MISSING)
+        label = next(labels, _MISSING) if labels is not None else None
         if label is _MISSING:
             raise InvalidArgumentError("labels", f"<{index} items>", "one label per image (there are more images)")
         count += 1
@@ -159,7 +160,7 @@ def readable_jobs(images: Any, labels: Iterable[str | None], skipped: list | Non
         if not isinstance(image, Image.Image):
             raise TypeError("typographic attacks need PIL images, paths or a data set, not preprocessed tensors")
         yield index, key, image, label
-    if next(labels, _MISSING) is not _MISSING:
+    if labels is not None and next(labels, _MISSING) is not _MISSING:
         raise InvalidArgumentError("labels", f"<more than {count} items>", f"one label per image ({count} images)")
 
 

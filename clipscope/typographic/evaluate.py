@@ -12,6 +12,7 @@ Metrics (all fractions in [0, 1]):
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 
 from ..data import batched, default_workers, ordered_map, prefetch, source_length
-from ..validate import InvalidArgumentError, check_int, check_same_length
+from ..model import ZeroShotClassifier
+from ..validate import InvalidArgumentError, check_int, check_names, check_same_length
 from .attack import Attack, AttackedImage, attack_job, readable_jobs
 from .defences import Defence
 
@@ -128,33 +130,140 @@ def check_attack_data(images: Any, labels: Iterable[str | None], classes: Sequen
     return classes, labels
 
 
-def _scores(model, images, defence: Defence, class_emb: torch.Tensor, class_map: list[str | None],
-            classes: Sequence[str]) -> tuple[torch.Tensor, list[str]]:
-    """Return (probabilities over the original classes (n, C), top-1 prediction names).
-
-    ``images`` are PIL images, or their tensors already preprocessed by :func:`_prepare`."""
-    x = torch.stack([im if isinstance(im, torch.Tensor) else _prepare(model, defence, im) for im in images])
-    with torch.no_grad():
-        emb = model.encode_image(x).cpu()
-    probs = (model.logit_scale * emb @ class_emb.T).softmax(dim=-1)
-    top = probs.argmax(dim=1).tolist()
-    index = {c: i for i, c in enumerate(classes)}
-    merged = torch.zeros(len(images), len(classes))
-    for j, original in enumerate(class_map):
-        if original is not None:
-            merged[:, index[original]] += probs[:, j]
-    return merged, [class_map[t] if class_map[t] is not None else TEXT for t in top]
+def _check_defence(defence: Any) -> Defence:
+    """Return ``defence`` (``None`` gives the no-op :class:`Defence`); else raise
+    :class:`~clipscope.validate.InvalidArgumentError` naming ``defence``."""
+    if defence is not None and not isinstance(defence, Defence):
+        raise InvalidArgumentError("defence", defence, "a Defence (PromptDefence, AblationDefence, ...) or None")
+    return defence or Defence()
 
 
-def _prepare(model, defence: Defence, image) -> torch.Tensor:
-    """The model's input tensor for one image under ``defence`` (thread-safe)."""
-    return model.preprocess(defence.image(image))
+@dataclass
+class CleanScores:
+    """Zero-shot scores of clean (unattacked) images, made by :func:`clean_scores`.
+
+    :func:`evaluate` compares attacked images with these instead of encoding the clean images
+    again, and :func:`sweep` computes them once for all its settings. Row ``i`` is the image at
+    position ``indices[i]`` of the input (key ``keys[i]``: its path where it has one);
+    ``probs`` is float32 ``(n, len(classes))``, probabilities summed back onto the original
+    ``classes`` (a defence's "text that says ..." classes count for none of them, so rows may sum
+    to less than 1); ``predictions[i]`` is the top-1 class or :data:`TEXT`. ``scored`` and
+    ``templates`` are the classes and prompts of the zero-shot head, ``model`` the model's id and
+    ``defence`` the defence's description: :func:`evaluate` refuses scores whose setting differs
+    from its own. ``skipped`` lists ``(key, reason)`` for unreadable images.
+    """
+
+    classes: tuple[str, ...]
+    scored: tuple[str, ...]
+    templates: tuple[str, ...]
+    model: str
+    defence: str
+    indices: list[int]
+    keys: list[Any]
+    probs: torch.Tensor
+    predictions: list[str]
+    skipped: list[tuple[Any, str]] = field(default_factory=list)
+    _rows: dict[int, int] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self._rows = {index: i for i, index in enumerate(self.indices)}
+
+    def get(self, index: int) -> tuple[torch.Tensor, str] | None:
+        """``(probs, prediction)`` of the image at input position ``index``, or ``None`` if it was not scored."""
+        i = self._rows.get(index)
+        return None if i is None else (self.probs[i], self.predictions[i])
+
+
+@dataclass
+class _Scorer:
+    """A defence's zero-shot head, scoring images and mapping the scores back onto the original classes."""
+
+    model: Any
+    defence: Defence
+    classes: list[str]
+    class_map: list[str | None]
+    head: ZeroShotClassifier
+
+    @classmethod
+    def make(cls, model, defence: Defence, classes: list[str], templates) -> "_Scorer":
+        """Build the head; call inside ``defence.context(model)`` so that a text-tower ablation counts."""
+        score_classes, class_map = defence.classes(classes)
+        return cls(model, defence, classes, class_map, model.classifier(score_classes, defence.templates(templates)))
+
+    def prepare(self, image) -> torch.Tensor:
+        """The model's input tensor for one image under the defence (thread-safe)."""
+        return self.model.preprocess(self.defence.image(image))
+
+    def scores(self, images: Sequence) -> tuple[torch.Tensor, list[str]]:
+        """``(probs (n, len(classes)), top-1 names)`` for PIL images or tensors from :meth:`prepare`."""
+        x = torch.stack([im if isinstance(im, torch.Tensor) else self.prepare(im) for im in images])
+        with torch.no_grad():
+            probs = self.head.probs(self.model.encode_image(x)).cpu()
+        index = {c: i for i, c in enumerate(self.classes)}
+        merged = torch.zeros(len(images), len(self.classes))
+        for j, original in enumerate(self.class_map):
+            if original is not None:
+                merged[:, index[original]] += probs[:, j]
+        names = [self.class_map[t] if self.class_map[t] is not None else TEXT for t in probs.argmax(dim=1).tolist()]
+        return merged, names
+
+    def check(self, clean: Any) -> None:
+        """Raise :class:`~clipscope.validate.InvalidArgumentError` unless ``clean`` is ``None`` or scores of this
+        setting (same classes, head, model and defence)."""
+        if clean is None:
+            return
+        if not isinstance(clean, CleanScores):
+            raise InvalidArgumentError("clean", clean, "CleanScores from clean_scores(...), or None")
+        want = {"classes": tuple(self.classes), "scored": self.head.classes, "templates": self.head.templates,
+                "model": self.model.id, "defence": self.defence.describe()}
+        for name, value in want.items():
+            if getattr(clean, name) != value:
+                raise InvalidArgumentError(f"clean.{name}", getattr(clean, name),
+                                           f"{value!r}, as in this evaluation (compute the clean scores with the "
+                                           "same model, classes, templates and defence)")
+
+
+def _bar(total: int | None, batch_size: int, progress: bool | None, desc: str):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, leave=False,
+                disable=not (progress if progress is not None else (total or 0) > batch_size))
+
+
+def clean_scores(model, images: Any, classes: Sequence[str], *, defence: Defence | None = None,
+                 templates: str | Sequence[str] | None = None, batch_size: int = 32,
+                 progress: bool | None = None) -> CleanScores:
+    """Zero-shot scores of the clean ``images`` among ``classes`` under ``defence``; returns :class:`CleanScores`.
+
+    ``images`` is any source :func:`clipscope.data.iter_images` reads; unreadable images are
+    skipped and listed in the result. Pass the result to :func:`evaluate` as ``clean`` (with the
+    same model, classes, templates and defence) to score several attacks on the same images
+    while encoding the clean images once.
+    """
+    classes = check_names("classes", classes)
+    defence = _check_defence(defence)
+    batch_size = check_int("batch_size", batch_size, low=1)
+    if source_length(images) == 0:
+        raise InvalidArgumentError("images", images, "at least one image")
+    skipped: list = []
+    indices, keys, probs, predictions = [], [], [], []
+    with defence.context(model), _bar(source_length(images), batch_size, progress, "clean scores") as bar:
+        scorer = _Scorer.make(model, defence, classes, templates)
+        for batch in prefetch(batched(readable_jobs(images, None, skipped), batch_size)):
+            p, names = scorer.scores([image for _, _, image, _ in batch])
+            indices += [index for index, _, _, _ in batch]
+            keys += [key for _, key, _, _ in batch]
+            probs.append(p)
+            predictions += names
+            bar.update(len(batch))
+    return CleanScores(tuple(classes), scorer.head.classes, scorer.head.templates, model.id, defence.describe(),
+                       indices, keys, torch.cat(probs) if probs else torch.zeros(0, len(classes)), predictions,
+                       skipped)
 
 
 def evaluate(model, images: Any, labels: Sequence[str | None], classes: Sequence[str], attack: Attack, *,
              defence: Defence | None = None, templates: str | Sequence[str] | None = None, batch_size: int = 32,
              seed: int = 0, progress: bool | None = None, n_examples: int = 8, workers: int | None = None,
-             _clean_cache: dict | None = None) -> AttackResult:
+             clean: CleanScores | None = None) -> AttackResult:
     """Attack ``images`` and compare zero-shot predictions before and after; returns an :class:`AttackResult`.
 
     ``labels`` are the true class names (or ``None`` where unknown) in the order of
@@ -164,73 +273,89 @@ def evaluate(model, images: Any, labels: Sequence[str | None], classes: Sequence
     cores), else :func:`~clipscope.data.default_workers`. With more than one worker the
     workers also preprocess the images, so that a GPU does not wait for Pillow (on a CPU
     model that competes with the model for the cores). Results do not depend on ``workers``.
+    ``clean``: the clean images' scores from :func:`clean_scores` (same model, classes,
+    templates and defence, else :class:`~clipscope.validate.InvalidArgumentError`); images
+    it holds are not encoded clean again, others are. The result is the same with or without it.
     """
-    import pandas as pd
-
     classes, labels = check_attack_data(images, labels, classes, attack)
-    if defence is not None and not isinstance(defence, Defence):
-        raise InvalidArgumentError("defence", defence, "a Defence (PromptDefence, AblationDefence, ...) or None")
-    defence = defence or Defence()
+    defence = _check_defence(defence)
     batch_size = check_int("batch_size", batch_size, low=1)
     seed = check_int("seed", seed)
     n_examples = check_int("n_examples", n_examples, low=0)
     if workers is not None:
         workers = check_int("workers", workers, low=1)
-    score_classes, class_map = defence.classes(classes)
     skipped: list = []
     rows, examples = [], []
-    total = source_length(images)
-    from tqdm.auto import tqdm
-    bar = tqdm(total=total, desc="typographic attack", leave=False,
-               disable=not (progress if progress is not None else (total or 0) > batch_size))
-    with defence.context(model):
-        class_emb = model.class_embeddings(score_classes, defence.templates(templates)).cpu()
-
-        n_workers = workers if workers is not None else 1 if model.device.type == "cpu" else default_workers()
-
-        def job(j):  # in a worker thread: render, and with several workers preprocess what the model will see
-            item = attack_job(attack, classes, seed, j)
-            if n_workers <= 1:
-                return item, None, item.attacked
-            cached = _clean_cache is not None and item.index in _clean_cache
-            return item, None if cached else _prepare(model, defence, item.clean), _prepare(model, defence, item.attacked)
-
-        stream = prefetch(batched(ordered_map(job, readable_jobs(images, labels, skipped), n_workers), batch_size))
-        for prepared in stream:
-            chunk = [it for it, _, _ in prepared]
-            cached = _clean_cache is not None and all(it.index in _clean_cache for it in chunk)
-            if cached:
-                clean_p = torch.stack([_clean_cache[it.index][0] for it in chunk])
-                clean_pred = [_clean_cache[it.index][1] for it in chunk]
-            else:
-                clean = [it.clean if x is None else x for it, x, _ in prepared]
-                clean_p, clean_pred = _scores(model, clean, defence, class_emb, class_map, classes)
-                if _clean_cache is not None:
-                    _clean_cache.update({it.index: (clean_p[i], clean_pred[i]) for i, it in enumerate(chunk)})
-            att_p, att_pred = _scores(model, [x for _, _, x in prepared], defence, class_emb, class_map, classes)
-            for i, it in enumerate(chunk):
-                target = classes.index(it.text) if it.text in classes else None
-                label = classes.index(it.label) if it.label is not None else None
-                defined = target is not None and clean_pred[i] != it.text
-                rows.append({
-                    "key": it.key, "index": it.index, "label": it.label, "text": it.text, "cover": it.cover,
-                    "clean_prediction": clean_pred[i], "attacked_prediction": att_pred[i],
-                    "clean_correct": float(clean_pred[i] == it.label) if label is not None else np.nan,
-                    "attacked_correct": float(att_pred[i] == it.label) if label is not None else np.nan,
-                    "clean_p_label": float(clean_p[i, label]) if label is not None else np.nan,
-                    "attacked_p_label": float(att_p[i, label]) if label is not None else np.nan,
-                    "clean_p_target": float(clean_p[i, target]) if target is not None else np.nan,
-                    "attacked_p_target": float(att_p[i, target]) if target is not None else np.nan,
-                    "success": float(att_pred[i] == it.text) if defined else np.nan,
-                })
-                if len(examples) < n_examples:
-                    examples.append(it)
+    with defence.context(model), _bar(source_length(images), batch_size, progress, "typographic attack") as bar:
+        scorer = _Scorer.make(model, defence, classes, templates)
+        scorer.check(clean)
+        render = functools.partial(attack_job, attack, classes, seed)
+        jobs = readable_jobs(images, labels, skipped)
+        for chunk, clean_scored, attacked_scored in _scored_batches(scorer, render, jobs, batch_size, workers, clean):
+            rows += [_row(it, classes, clean_scored, attacked_scored, i) for i, it in enumerate(chunk)]
+            examples += chunk[:max(0, n_examples - len(examples))]
             bar.update(len(chunk))
-    bar.close()
-    frame = pd.DataFrame(rows, columns=["key", "index", "label", "text", "cover", "clean_prediction",
-                                        "attacked_prediction", "clean_correct", "attacked_correct", "clean_p_label",
-                                        "attacked_p_label", "clean_p_target", "attacked_p_target", "success"])
-    metrics = {
+    frame = _frame(rows)
+    return AttackResult(frame, _metrics(frame, skipped), classes, attack.describe(), defence.describe(), examples,
+                        skipped)
+
+
+def _scored_batches(scorer: _Scorer, render, jobs: Iterable[tuple], batch_size: int, workers: int | None,
+                    clean: CleanScores | None):
+    """Yield ``(attacked images, clean scores, attacked scores)`` per batch; each scores is ``(probs, names)``."""
+    model = scorer.model
+    n_workers = workers if workers is not None else 1 if model.device.type == "cpu" else default_workers()
+
+    def job(j):  # in a worker thread: render, and with several workers preprocess what the model will see
+        item = render(j)
+        if n_workers <= 1:
+            return item, None, item.attacked
+        known = clean is not None and clean.get(item.index) is not None
+        return item, None if known else scorer.prepare(item.clean), scorer.prepare(item.attacked)
+
+    for prepared in prefetch(batched(ordered_map(job, jobs, n_workers), batch_size)):
+        chunk = [it for it, _, _ in prepared]
+        known = [clean.get(it.index) for it in chunk] if clean is not None else [None]
+        if all(k is not None for k in known):
+            clean_scored = torch.stack([p for p, _ in known]), [name for _, name in known]
+        else:
+            clean_scored = scorer.scores([it.clean if x is None else x for it, x, _ in prepared])
+        yield chunk, clean_scored, scorer.scores([x for _, _, x in prepared])
+
+
+COLUMNS = ("key", "index", "label", "text", "cover", "clean_prediction", "attacked_prediction", "clean_correct",
+           "attacked_correct", "clean_p_label", "attacked_p_label", "clean_p_target", "attacked_p_target", "success")
+
+
+def _row(it: AttackedImage, classes: list[str], clean_scored: tuple, attacked_scored: tuple, i: int) -> dict:
+    """One row of :attr:`AttackResult.frame` for the ``i``-th image of a batch (see :data:`COLUMNS`)."""
+    (clean_p, clean_pred), (att_p, att_pred) = clean_scored, attacked_scored
+    target = classes.index(it.text) if it.text in classes else None
+    label = classes.index(it.label) if it.label is not None else None
+    defined = target is not None and clean_pred[i] != it.text
+
+    def p(probs, j):
+        return float(probs[i, j]) if j is not None else np.nan
+
+    return {
+        "key": it.key, "index": it.index, "label": it.label, "text": it.text, "cover": it.cover,
+        "clean_prediction": clean_pred[i], "attacked_prediction": att_pred[i],
+        "clean_correct": float(clean_pred[i] == it.label) if label is not None else np.nan,
+        "attacked_correct": float(att_pred[i] == it.label) if label is not None else np.nan,
+        "clean_p_label": p(clean_p, label), "attacked_p_label": p(att_p, label),
+        "clean_p_target": p(clean_p, target), "attacked_p_target": p(att_p, target),
+        "success": float(att_pred[i] == it.text) if defined else np.nan,
+    }
+
+
+def _frame(rows: list[dict]):
+    import pandas as pd
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def _metrics(frame, skipped: list) -> dict[str, float]:
+    """The figures of the module docstring, plus ``n`` (images scored) and ``n_skipped`` (unreadable)."""
+    return {
         "n": float(len(frame)), "n_skipped": float(len(skipped)),
         "clean_accuracy": _nanmean(frame["clean_correct"]),
         "attacked_accuracy": _nanmean(frame["attacked_correct"]),
@@ -239,7 +364,6 @@ def evaluate(model, images: Any, labels: Sequence[str | None], classes: Sequence
         "mean_cover": _nanmean(frame["cover"]),
         "text_detected_rate": float((frame["attacked_prediction"] == TEXT).mean()) if len(frame) else float("nan"),
     }
-    return AttackResult(frame, metrics, classes, attack.describe(), defence.describe(), examples, skipped)
 
 
 # ---------------------------------------------------------------------------------------
@@ -344,7 +468,7 @@ def sweep(model, images: Any, labels: Sequence[str | None], classes: Sequence[st
 
     Parameters are :data:`SWEEPABLE` (text style fields, ``position``, and
     ``word``: the text written). ``images`` must be re-iterable (a list, folder or
-    data set). Clean predictions are computed once and shared by every setting.
+    data set). Clean predictions are computed once (:func:`clean_scores`) and shared by every setting.
     """
     import itertools
 
@@ -355,7 +479,8 @@ def sweep(model, images: Any, labels: Sequence[str | None], classes: Sequence[st
         raise TypeError("sweep needs re-iterable images (a list, folder or data set), not a one-shot iterator")
     check_attack_data(images, labels, classes, attack)
     params = list(vary)
-    clean_cache: dict = {}
+    clean = clean_scores(model, images, classes, defence=defence, templates=templates, batch_size=batch_size,
+                         progress=False)
     rows, results = [], []
     combos = list(itertools.product(*vary.values()))
     from tqdm.auto import tqdm
@@ -363,8 +488,7 @@ def sweep(model, images: Any, labels: Sequence[str | None], classes: Sequence[st
         values = dict(zip(params, combo))
         result = evaluate(model, images, labels, classes, _vary(attack, classes, **dict(values)), defence=defence,
                           templates=templates, batch_size=batch_size, seed=seed, progress=False, n_examples=2,
-                          _clean_cache=clean_cache)
+                          clean=clean)
         results.append(result)
         rows.append({**values, **{k: result.metrics[k] for k in ("n", *METRICS)}})
     return SweepResult(pd.DataFrame(rows), params, results)
-
