@@ -55,8 +55,9 @@ def test_integrated_gradients_are_complete(organism):
 
 
 def test_the_shape_of_an_object_is_found_on_the_object(organism):
-    """Occlusion maps of the true shape's probability lie on the object (measured: 0.96 of the positive
-    mass in a box of 0.35 of the image, on average over these 12 scenes; every scene above its box's area)."""
+    """Occlusion maps of the true shape's probability lie on the object (measured with the default 16 px
+    window moved 8 px: 0.82 of the positive mass in a box of 0.35 of the image, on average over these 12
+    scenes; every scene above its box's area; the old default, 8 px moved 4, gave 0.96)."""
     masses, areas = [], []
     for i in range(12):
         scene = object_scene(seed=900 + i)
@@ -86,11 +87,13 @@ def attacked():
     return cases
 
 
+@pytest.mark.slow
 def test_the_attacking_word_drives_the_wrong_label_and_the_object_the_right_one(organism, attacked):
-    """Measured on these 12 images: the attacking class's positive attribution lies 0.46 in the text box
-    and 0.26 on the object; the true class's 0.30 in the text box and 0.51 on the object; the attacking
-    class puts more of it on the text in 8 of 12 images. (Gradient methods separate them less on this
-    small 64 px model; see notebook 05.)"""
+    """Measured on these 12 images with the default occlusion (16 px window moved 8 px, 52 forward passes
+    per map): the attacking class's positive attribution lies 0.60 in the text box and 0.16 on the object;
+    the true class's 0.30 in the text box and 0.35 on the object; the attacking class puts more of it on
+    the text in 8 of 12 images. (The old default, 8 px moved 4, 228 passes: 0.46 / 0.26 and 0.30 / 0.51,
+    8 of 12. Gradient methods separate them less on this small 64 px model; see notebook 05.)"""
     text_mass = {"true": [], "wrong": []}
     object_mass = {"true": [], "wrong": []}
     for image, true, wrong, text_box, obj_box in attacked:
