@@ -77,10 +77,12 @@ lab: install
 bench: install
 	$(PY) bench/hook_overhead.py
 	$(PY) bench/typographic_throughput.py
-	$(PY) bench/optvis_vs_lucent.py
+	$(PY) bench/optvis_vs_lucent.py --models RN50 organism --units 1 8 --steps 8 --repeats 2 --quality
 	$(PY) bench/audit_cache.py
 	$(PY) bench/mining_throughput.py
 	$(PY) bench/image_loading.py
+	$(PY) bench/attribution_cost.py
+	$(PY) bench/text_encoding.py
 
 clean:
 	rm -rf $(VENV) clipscope-demo .pytest_cache test-artifacts

@@ -134,7 +134,7 @@ def _unit_list(text: str) -> list[int]:
         except ValueError:
             raise ValueError(f"--units: cannot read {part!r}; use e.g. 0-7 or 3,17,42") from None
     if not out:
-        raise ValueError("--units is empty")
+        raise ValueError(f"--units={text!r} selects no unit; use e.g. 0-7 or 3,17,42")
     return out
 
 
@@ -155,16 +155,14 @@ def cmd_visualize(args) -> int:
         objective = optvis.text_direction(model, args.prompt)
         items, batch, what = objective, args.batch, f"text direction {args.prompt}"
     else:
-        model.site(args.site)  # unknown names raise with close matches
+        # render optimizes at the site's pre-activation unless --exact-site; unknown names raise with close matches
         target = args.site if args.exact_site else optvis.optimization_site(model, args.site)
-        items = [Unit.channel(target, u) for u in _unit_list(args.units)]
+        items = [Unit.channel(args.site, u) for u in _unit_list(args.units)]
         batch, what = None, f"{len(items)} unit(s) of {args.site}" + ("" if target == args.site else f" (at {target})")
     start = time.perf_counter()
     result = optvis.render(model, items, param=args.param, steps=args.steps, size=args.size, seed=args.seed,
-                           batch=batch)
+                           batch=batch, exact_site=args.exact_site)
     seconds = time.perf_counter() - start
-    if not args.prompt:
-        result.units = [Unit.channel(args.site, u.index) for u in items]  # name the images by the site asked for
     paths = result.save(args.out)
     buf = io.BytesIO()
     result.grid().save(buf, format="PNG")

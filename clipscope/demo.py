@@ -14,7 +14,6 @@ which test the machinery but say little about the model (point the notebooks at 
 """
 from __future__ import annotations
 
-import html
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -23,6 +22,7 @@ from typing import Any
 
 from .io import figure_png, write_bytes_atomic, write_text_atomic
 from .neurons.atlas import page_name
+from .pages import esc, page
 from .validate import check_int
 
 #: The bias audit the demo runs: package data, so an installed wheel has it. The repository's
@@ -215,12 +215,12 @@ def run_demo(model_name: str = "organism", *, pretrained: str | None = None, dev
 
 
 def _index_page(model_name: str, held: dict[str, Any], parts: list[tuple[str, float, str]], total: float) -> str:
-    rows = "".join(f"<tr><td>{html.escape(t)}</td><td>{s:.1f} s</td><td>{html.escape(m)}</td></tr>"
+    rows = "".join(f"<tr><td>{esc(t)}</td><td>{s:.1f} s</td><td>{esc(m)}</td></tr>"
                    for t, s, m in parts)
     atlas = held["atlas"]
     atlas_rows = "".join(
-        f"<li><a href='atlas/{html.escape(page_name(s))}.html'>{html.escape(s)}</a>: "
-        + ", ".join(f"unit {u} <i>{html.escape(atlas['labels'][s][u])}</i>" for u in units) + "</li>"
+        f"<li><a href='atlas/{esc(page_name(s))}.html'>{esc(s)}</a>: "
+        + ", ".join(f"unit {u} <i>{esc(atlas['labels'][s][u])}</i>" for u in units) + "</li>"
         for s, units in atlas["sites"].items())
     attack = held["attack"]
     audit = held["audit"]
@@ -229,11 +229,7 @@ def _index_page(model_name: str, held: dict[str, Any], parts: list[tuple[str, fl
                "p_chi2"]
     audit_table = (summary[[c for c in columns if c in summary]].head(12)
                    .to_html(index=False, float_format=lambda v: f"{v:.3g}") if len(summary) else "")
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>clipscope demo</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{padding:4px 10px;text-align:left}}
-table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}</style>
-</head><body><h1>clipscope demo: {html.escape(model_name)}</h1>
-<p>{html.escape(repr(held['model']))}; total {total:.1f} s.</p>
+    return page(f"clipscope demo: {model_name}", f"""<p>{esc(repr(held['model']))}; total {total:.1f} s.</p>
 <table><tr><th>part</th><th>time</th><th>result</th></tr>{rows}</table>
 <h2>1. Zero-shot</h2><img src="zero_shot.png" style="max-width:100%">
 <p><a href="zero_shot.csv">zero_shot.csv</a> · <a href="layers.csv">layers.csv</a> (every hookable site, its layout
@@ -244,15 +240,14 @@ generated scenes that drive it most, the rendered words that drive it most and i
 <h2>3. Typographic attack</h2><p><a href="attack/index.html">The attack report</a>: each object scene gets a wrong
 shape's name written on it; accuracy clean vs attacked, per defence, and a sweep over text size.</p>
 {_attack_table(attack['summary'])}
-<p>Attack: {html.escape(str(attack['summary']['attack'].iloc[0]))}.</p>
+<p>Attack: {esc(str(attack['summary']['attack'].iloc[0]))}.</p>
 <h2>4. Bias audit</h2><p><a href="audit/report.html">The audit report</a> of the spec
 <code>organism_planted_bias.yaml</code> (in the package, and in the repository's <code>audits/</code> to
 copy): generated figures of groups A, B and C labelled under two
 taxonomies, the second with a neutral "child" class; per-group rates with Wilson score intervals, each
 group's difference to the rest with a Newcombe score interval, and the largest gap between groups with a
 simultaneous Newcombe score interval (Bonferroni over pairs) that covers 0 when the groups agree.</p>
-{audit_table}
-</body></html>"""
+{audit_table}""")
 
 
 def _attack_table(summary) -> str:

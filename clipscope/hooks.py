@@ -404,6 +404,7 @@ class HookedModel:
         self._sites: dict[str, Site] | None = None
         self._active_ablations = 0
         self._ablated_towers: list[str] = []
+        self._recorded_towers: list[str] = []
 
     @property
     def sites(self) -> dict[str, Site]:
@@ -432,6 +433,11 @@ class HookedModel:
     def ablated_towers(self) -> set[str]:
         """Towers with an ablation currently in force."""
         return set(self._ablated_towers)
+
+    @property
+    def hooked_towers(self) -> set[str]:
+        """Towers with an ablation or a capture currently in force (whose sites must see the full forward pass)."""
+        return set(self._ablated_towers) | set(self._recorded_towers)
 
     @contextlib.contextmanager
     def capture(self, sites: str | Iterable[str], *, grad: bool = False) -> Iterator[Activations]:
@@ -491,11 +497,15 @@ class HookedModel:
                     lambda _m, _inp, out, site=site: record(site, _first_tensor(out))))
             else:
                 handles.append(module.register_forward_pre_hook(lambda _m, inp, site=site: record(site, inp[0])))
+        towers = sorted({site.tower for site in resolved})
+        self._recorded_towers.extend(towers)
         try:
             yield acts
         finally:
             for h in handles:
                 h.remove()
+            for t in towers:
+                self._recorded_towers.remove(t)
 
     @contextlib.contextmanager
     def ablate(self, units: Unit | Iterable[Unit], value: float | torch.Tensor = 0.0) -> Iterator[None]:

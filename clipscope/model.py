@@ -16,28 +16,24 @@ checkpoint that needs pickled code is refused (:class:`~clipscope.hub.UnsafeChec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import hub, prompts
+from . import backends, prompts
+from .backends import Architecture
 from .data import EmbeddedImages, ImageLoadError, iter_images, list_image_files, source_length
 from .hooks import Activations, HookedModel, Site, Tower, Unit, site_names
+from .progress import progress_bar
 from .validate import InvalidArgumentError, check_choice, check_int, check_names
-
-_PACKAGE_DIR = Path(__file__).resolve().parent
-_CONFIG_DIR = _PACKAGE_DIR / "model_configs"
-_ORGANISM_DIR = _PACKAGE_DIR / "organism"
-ORGANISM_ARCH = "clipscope-organism"
-_LOCAL_DIR = "local-dir:"
 
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -94,9 +90,9 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
 
 
 def _register_configs() -> None:
-    import open_clip
-    for folder in (_CONFIG_DIR, _ORGANISM_DIR):  # every *.json holding a model config registers by its stem
-        open_clip.add_model_config(folder)
+    """Register clipscope's model configs with open_clip (once), for code that calls open_clip itself."""
+    from .backends.open_clip import register_configs
+    register_configs()
 
 
 # ---------------------------------------------------------------------------------------
@@ -202,26 +198,36 @@ class ZeroShotResult:
 
 
 class Layers(tuple):
-    """The hookable sites of a model (a tuple of :class:`~clipscope.hooks.Site`), printable as a table."""
+    """The hookable sites of a model (a tuple of :class:`~clipscope.hooks.Site`), printable as a table.
+
+    ``architecture`` is what the model's backend declared about it (used by :meth:`blocks`).
+    """
+
+    def __new__(cls, sites: Iterable[Site] = (), architecture: Architecture | None = None) -> "Layers":
+        layers = super().__new__(cls, sites)
+        layers.architecture = architecture or Architecture()
+        return layers
 
     def names(self) -> list[str]:
         return [s.name for s in self]
 
     def filter(self, tower: str | None = None, layout: str | None = None, contains: str | None = None) -> "Layers":
         """Return the sites of one tower, one layout, and/or whose name contains a substring."""
-        return Layers(s for s in self if (tower is None or s.tower == tower)
-                      and (layout is None or s.layout == layout)
-                      and (contains is None or contains in s.name))
+        return Layers((s for s in self if (tower is None or s.tower == tower)
+                       and (layout is None or s.layout == layout)
+                       and (contains is None or contains in s.name)), self.architecture)
 
     def blocks(self, tower: str = "visual") -> "Layers":
-        """Return the top-level blocks of ``tower``, in forward order.
+        """Return the top-level blocks of ``tower`` among these sites, in forward order.
 
         These are the ResNet stages (``visual.layer1`` .. ``visual.layer4``) or the transformer
         blocks (``visual.transformer.resblocks.N`` for open_clip, ``visual.encoder.layers.N`` for
-        transformers models; ``text.`` likewise), the usual places to look for units.
+        transformers models; ``text.`` likewise), the usual places to look for units, as the model's
+        backend declares them (:meth:`ClipModel.blocks`).
         """
-        pattern = re.compile(re.escape(tower) + r"\.(layer\d+|transformer\.resblocks\.\d+|encoder\.layers\.\d+)")
-        return Layers(s for s in self if pattern.fullmatch(s.name))
+        by_name = {s.name: s for s in self}
+        return Layers((by_name[n] for n in self.architecture.blocks.get(tower, ()) if n in by_name),
+                      self.architecture)
 
     def to_frame(self):
         """Return a DataFrame with name, tower, layout, shape, units and module type per site."""
@@ -252,7 +258,7 @@ class ClipModel:
                  pretrained: str | None, device: torch.device, dtype: torch.dtype,
                  image_size: tuple[int, int], image_mean: Sequence[float], image_std: Sequence[float],
                  towers: Sequence[Tower], default_templates: Sequence[str] = prompts.DEFAULT_TEMPLATES,
-                 backend: str = "open_clip"):
+                 backend: str = "open_clip", architecture: Architecture | None = None):
         self.model = model.eval().requires_grad_(False)
         self.preprocess = preprocess
         self._tokenizer = tokenizer
@@ -265,6 +271,7 @@ class ClipModel:
         self.image_std = tuple(float(v) for v in image_std)
         self.default_templates = tuple(default_templates)
         self.backend = backend
+        self.architecture = architecture or Architecture()
         self._hooked = HookedModel(model, towers)
         self._class_cache: dict[tuple, torch.Tensor] = {}
         self._embed_dim: int | None = None
@@ -295,14 +302,21 @@ class ClipModel:
         ``texts`` are strings (tokenized here; the result is on the CPU, like
         :meth:`encode_image` on images, so the two multiply on any device) or token
         ids from :meth:`tokenize` (the result is on the device the ids were on).
-        Unit-normalized when ``normalize`` (the default).
+        Unit-normalized when ``normalize`` (the default). Where the backend offers it, each batch is
+        encoded only up to its longest prompt (equal embeddings, fewer FLOPs), except while a capture
+        or an ablation of the text tower is in force (its sites then see every position).
         """
         batch_size = check_int("batch_size", batch_size, low=1)
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
+        needed = self.architecture.text_tokens_needed
+        if "text" in self._hooked.hooked_towers:
+            needed = None
         chunks = []
-        for start in _progress(range(0, len(tokens), batch_size), progress, len(tokens) > batch_size,
-                               "encode text"):
-            chunks.append(self.model.encode_text(tokens[start:start + batch_size].to(self.device)).float())
+        for start in progress_bar(range(0, len(tokens), batch_size), progress, len(tokens) > batch_size,
+                                  "encode text"):
+            batch = tokens[start:start + batch_size]
+            batch = batch if needed is None else batch[:, :needed(batch)]
+            chunks.append(self.model.encode_text(batch.to(self.device)).float())
         out = torch.cat(chunks) if chunks else torch.empty(0, self.embed_dim, device=self.device)
         out = F.normalize(out, dim=-1) if normalize else out
         return out.to(texts.device) if isinstance(texts, torch.Tensor) else out.cpu()
@@ -316,6 +330,39 @@ class ClipModel:
         return self._embed_dim
 
     # -- images -------------------------------------------------------------------------
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1] as model input: ``(pixels - image_mean) / image_std`` per channel.
+
+        ``pixels`` is a float tensor ``(B, 3, H, W)`` or ``(3, H, W)``; the result has its shape,
+        dtype and device (cast it to :attr:`dtype` for the model; no resizing happens here).
+        """
+        mean, std = self._pixel_stats("pixels", pixels)
+        return (pixels - mean) / std
+
+    def unnormalize(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`normalize`: model inputs back to pixels (in [0, 1] for real images; not clamped)."""
+        mean, std = self._pixel_stats("inputs", inputs)
+        return inputs * std + mean
+
+    def _pixel_stats(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(x, torch.Tensor):
+            raise InvalidArgumentError(name, x, "a float tensor (B, 3, H, W) or (3, H, W)")
+        if not x.is_floating_point():
+            raise InvalidArgumentError(f"{name}.dtype", x.dtype, "a floating-point dtype (pixels in [0, 1])")
+        if x.ndim not in (3, 4) or x.shape[-3] != 3:
+            raise InvalidArgumentError(f"{name}.shape", tuple(x.shape), "(B, 3, H, W) or (3, H, W)")
+        stats = torch.tensor([self.image_mean, self.image_std], dtype=x.dtype, device=x.device)
+        return stats[0].view(3, 1, 1), stats[1].view(3, 1, 1)
+
+    def resize_to_input(self, image: Any) -> Any:
+        """A PIL ``image`` as the model sees it: :attr:`preprocess` (resize, crop) without the normalization.
+
+        Returns an 8-bit RGB ``PIL.Image`` of :attr:`image_size` (for showing what a unit saw).
+        """
+        from PIL import Image
+        pixels = self.unnormalize(self.preprocess(image).float()).clamp(0, 1)
+        return Image.fromarray((pixels * 255).round().byte().permute(1, 2, 0).numpy())
+
     def encode_image(self, images: Any, *, normalize: bool = True, batch_size: int = 64,
                      progress: bool | None = None) -> torch.Tensor:
         """Return image embeddings, float32 ``(n_images, embed_dim)``.
@@ -362,7 +409,7 @@ class ClipModel:
                 batch_keys.clear()
 
         show = total is None or total > batch_size
-        for key, item in _progress(iter_images(source), progress, show, desc, total=total):
+        for key, item in progress_bar(iter_images(source), progress, show, desc, total=total):
             if isinstance(item, ImageLoadError):
                 skipped.append((key, str(item)))
                 continue
@@ -443,7 +490,47 @@ class ClipModel:
     # -- hooks --------------------------------------------------------------------------
     def layers(self) -> Layers:
         """Every hookable site of both towers, with canonical shape and layout (see :mod:`clipscope.hooks`)."""
-        return Layers(self._hooked.sites.values())
+        return Layers(self._hooked.sites.values(), self.architecture)
+
+    # -- architecture (declared by the backend: callers never parse site names) ---------------
+    def blocks(self, tower: str = "visual") -> list[str]:
+        """Names of the top-level blocks of ``tower`` (``"visual"`` or ``"text"``) in forward order: ResNet
+        stages or transformer blocks, the usual places to look for units. Empty if the backend knows none."""
+        check_choice("tower", tower, ["visual", "text"])
+        return list(self.architecture.blocks.get(tower, ()))
+
+    def attention_sites(self, tower: str = "visual") -> list[str]:
+        """Names of the attention modules of ``tower`` in forward order (a ResNet's attention pooling;
+        a transformer block's self-attention)."""
+        check_choice("tower", tower, ["visual", "text"])
+        return list(self.architecture.attention.get(tower, ()))
+
+    def pre_activation_site(self, site: str) -> str:
+        """The site holding ``site``'s value before its final activation; ``site`` itself if none.
+
+        A ResNet bottleneck (and its stage) ends in an in-place ReLU: its pre-activation site is the
+        residual sum before that ReLU (``visual.layer4.0.act3.pre`` for ``visual.layer4``). Where a unit
+        fires the two are equal; where it does not, the pre-activation still has a gradient. Unknown
+        sites raise :class:`~clipscope.validate.InvalidArgumentError` with close matches.
+        """
+        self.site(site)
+        return self.architecture.pre_activations.get(site, site)
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens of the image tower's token sites before its patch tokens (class token, registers); 0 for
+        a convolutional image tower."""
+        return self.architecture.prefix_tokens
+
+    @property
+    def patch_grid(self) -> tuple[int, int] | None:
+        """``(rows, columns)`` of the image tower's patch tokens; ``None`` for a convolutional tower."""
+        return self.architecture.patch_grid
+
+    def redirectable_activations(self) -> list[nn.Module]:
+        """The image tower's ReLU modules, whose gradient feature visualization may redirect
+        (:func:`clipscope.optvis.render.redirected_relus`)."""
+        return [self.model.get_submodule(path) for path in self.architecture.redirectable]
 
     def site(self, name: str) -> Site:
         """The :class:`~clipscope.hooks.Site` called ``name`` (unknown names raise with close matches)."""
@@ -521,14 +608,6 @@ def _warn_skipped(skipped: Sequence[tuple[Any, str]], total: int) -> None:
                   f"(listed in the result's .skipped): {listing}{more}", UserWarning, stacklevel=3)
 
 
-def _progress(iterable, progress: bool | None, default: bool, desc: str, total: int | None = None):
-    show = default if progress is None else progress
-    if not show:
-        return iterable
-    from tqdm.auto import tqdm
-    return tqdm(iterable, desc=desc, total=total, leave=False)
-
-
 # ---------------------------------------------------------------------------------------
 # Loading
 
@@ -537,9 +616,9 @@ def load(name: str, pretrained: str | None = None, device: str | torch.device = 
          precision: str = "auto") -> ClipModel:
     """Load a CLIP model by name and return a :class:`ClipModel`.
 
-    See the module docstring for the accepted ``name`` forms. ``device="auto"``
-    picks cuda, then mps, then cpu; ``precision`` is ``"fp32"``, ``"fp16"``,
-    ``"bf16"`` or ``"auto"`` (fp16 on cuda, fp32 elsewhere).
+    See the module docstring for the accepted ``name`` forms; the backend that loads it is found by
+    :func:`clipscope.backends.backend_for`. ``device="auto"`` picks cuda, then mps, then cpu;
+    ``precision`` is ``"fp32"``, ``"fp16"``, ``"bf16"`` or ``"auto"`` (fp16 on cuda, fp32 elsewhere).
 
     Raises :class:`~clipscope.hub.UnknownModelError` for names that match nothing
     (with close matches), :class:`~clipscope.hub.WeightsNotAvailableError` when
@@ -551,43 +630,11 @@ def load(name: str, pretrained: str | None = None, device: str | torch.device = 
     """
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
-    if not isinstance(name, str) or not name:
-        raise _unknown_model(name)
     if pretrained is not None and not isinstance(pretrained, (str, os.PathLike)):
         raise InvalidArgumentError("pretrained", pretrained, "None, a pretrained tag or a checkpoint path")
     pretrained = None if pretrained is None else os.fspath(pretrained)
-    if name.startswith("hf:"):
-        from .hf import load_transformers
-        return load_transformers(name, dev, dtype)
-    _register_configs()
-    if name == "organism":
-        if pretrained is not None:
-            raise InvalidArgumentError("pretrained", pretrained, "None: the organism has one set of weights")
-        weights = _ORGANISM_DIR / "organism.safetensors"
-        if not weights.is_file():
-            raise hub.WeightsNotAvailableError(
-                f"The organism's weights are missing from the installed package ({weights}). "
-                "Reinstall clipscope-toolkit, or rebuild them with `python -m clipscope.organism.train --out "
-                f"{weights}`.")
-        from .organism import ZERO_SHOT_TEMPLATES
-        return _open_clip_model(ORGANISM_ARCH, str(weights), dev, dtype, display="organism",
-                                default_templates=ZERO_SHOT_TEMPLATES)
-    if name.startswith("hf-hub:"):
-        repo = name[len("hf-hub:"):]
-        files = hub.ensure_files(name, repo, [["open_clip_config.json"],
-                                              ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]])
-        folder = os.path.dirname(files["open_clip_config.json"])
-        return _open_clip_model(_LOCAL_DIR + folder, None, dev, dtype, display=name)
-    if os.path.isdir(name):
-        if not (Path(name) / "open_clip_config.json").is_file():
-            raise _unknown_model(name, extra=f" The folder {name!r} has no open_clip_config.json.")
-        return _open_clip_model(_LOCAL_DIR + str(Path(name).resolve()), None, dev, dtype, display=name)
-    if os.path.isfile(name):
-        raise hub.UnknownModelError(
-            f"{name!r} is a checkpoint file, which does not say which architecture it holds. "
-            f"Load it as clipscope.load(ARCH, pretrained={name!r}) with ARCH an open_clip model name "
-            "(e.g. 'ViT-B-32'), or put it in a folder with its open_clip_config.json and load the folder.")
-    return _load_open_clip_name(name, pretrained, dev, dtype)
+    loaded = backends.load(name, pretrained, dev, dtype)
+    return ClipModel(**{f.name: getattr(loaded, f.name) for f in dataclasses.fields(loaded)}, device=dev, dtype=dtype)
 
 
 def parse_model_spec(spec: str) -> tuple[str, str | None]:
@@ -609,114 +656,3 @@ def load_from_env(default: str = "organism", variable: str = "CLIPSCOPE_MODEL", 
     """
     name, tag = parse_model_spec(os.environ.get(variable) or default)
     return load(name, pretrained=tag, **kwargs)
-
-
-def _unknown_model(name: Any, extra: str = "") -> hub.UnknownModelError:
-    import open_clip
-    candidates = open_clip.list_models() + ["organism"]
-    return hub.UnknownModelError(
-        f"Unknown model {name!r}.{extra}{hub.suggest(str(name), candidates)} Valid forms: 'organism' (built in, "
-        "offline); an open_clip name (open_clip.list_models()) with pretrained=TAG "
-        "(open_clip.list_pretrained()) or a checkpoint path; 'hf-hub:ORG/REPO'; a folder with "
-        "open_clip_config.json; 'hf:ORG/REPO' for transformers CLIP models.")
-
-
-def _load_open_clip_name(name: str, pretrained: str | None, dev: torch.device, dtype: torch.dtype) -> ClipModel:
-    import open_clip
-    arch = name.replace("/", "-")
-    if arch not in open_clip.list_models():
-        raise _unknown_model(name)
-    if pretrained is None:
-        if not arch.startswith("clipscope-"):
-            warnings.warn(f"{arch} is randomly initialised (pretrained=None).", stacklevel=3)
-        return _open_clip_model(arch, None, dev, dtype, display=arch)
-    if os.path.isfile(pretrained):
-        return _open_clip_model(arch, pretrained, dev, dtype, display=arch)
-    tags = open_clip.list_pretrained_tags_by_model(arch)
-    if pretrained not in tags:
-        looks_like_path = os.sep in pretrained or pretrained.endswith((".safetensors", ".bin", ".pt", ".pth"))
-        what = "no such checkpoint file" if looks_like_path else "unknown pretrained tag"
-        raise hub.UnknownModelError(
-            f"{what} {pretrained!r} for {arch!r}.{hub.suggest(pretrained, tags)} "
-            f"Tags for {arch}: {tags or 'none (load a local file instead)'}.")
-    cfg = open_clip.get_pretrained_cfg(arch, pretrained)
-    display = f"{arch} (pretrained={pretrained!r})"
-    if cfg.get("hf_hub"):
-        repo, filename = os.path.split(cfg["hf_hub"])  # "org/repo/" or "org/repo/file.bin"
-        filename = filename or "open_clip_pytorch_model.bin"
-        stem = filename.rsplit(".", 1)[0]
-        candidates = ["open_clip_model.safetensors"] if filename == "open_clip_pytorch_model.bin" else []
-        candidates += [stem + ".safetensors", filename]  # safetensors first, as open_clip does
-        files = hub.ensure_files(display, repo, [list(dict.fromkeys(candidates))],
-                                 load_call=hub.python_call("clipscope.load", arch, pretrained=pretrained),
-                                 local_call=hub.python_call("clipscope.load", arch,
-                                                            pretrained="/path/to/weights.safetensors"))
-        path = next(iter(files.values()))
-    else:
-        path = str(hub.url_cache_path(cfg["url"]))
-        if not os.path.isfile(path):
-            reason = hub.hub_unreachable_reason()
-            if reason is not None:
-                raise hub.WeightsNotAvailableError(
-                    f"The weights for {display} are not cached at {path} and cannot be downloaded "
-                    f"from {cfg['url']}: {reason}. Download the file on a machine with internet and put it "
-                    "there, or load a local copy: "
-                    f"{hub.python_call('clipscope.load', arch, pretrained='/path/to/file')}.")
-            from open_clip.pretrained import download_pretrained_from_url
-            path = download_pretrained_from_url(cfg["url"])
-    return _open_clip_model(arch, path, dev, dtype, display=arch, tag=pretrained,
-                            force_quick_gelu=bool(cfg.get("quick_gelu", False)),
-                            image_mean=cfg.get("mean"), image_std=cfg.get("std"),
-                            image_interpolation=cfg.get("interpolation"),
-                            image_resize_mode=cfg.get("resize_mode"))
-
-
-def _architecture_shapes(arch: str) -> dict[str, tuple[int, ...]]:
-    """Return ``{name: shape}`` of the tensors of the open_clip architecture ``arch`` (built on the meta
-    device: no memory, no weights)."""
-    import open_clip
-    with torch.device("meta"), _quiet_root_logger():
-        model = open_clip.create_model(arch, device="meta")
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-@contextlib.contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    import logging
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
-def _open_clip_model(arch: str, checkpoint: str | None, dev: torch.device, dtype: torch.dtype, *,
-                     display: str, tag: str | None = None,
-                     default_templates: Sequence[str] = prompts.DEFAULT_TEMPLATES, **kwargs) -> ClipModel:
-    import open_clip
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    try:
-        with _quiet_root_logger():  # open_clip logs its own notices on the root logger
-            model, _, preprocess = open_clip.create_model_and_transforms(
-            arch, pretrained=checkpoint, device="cpu", precision="fp32", weights_only=True,
-                require_pretrained=checkpoint is not None or arch.startswith(_LOCAL_DIR), **kwargs)
-    except Exception as exc:  # open_clip and torch raise many types for a bad file; one error names it
-        if checkpoint is not None:
-            raise hub.checkpoint_error(exc, checkpoint, repr(arch), lambda: _architecture_shapes(arch)) from None
-        if arch.startswith(_LOCAL_DIR):
-            raise hub.checkpoint_error(exc, arch[len(_LOCAL_DIR):], "its open_clip_config.json") from None
-        raise  # a random initialisation reads no file
-    model = model.to(dev, dtype)
-    tokenizer = open_clip.get_tokenizer(arch)
-    visual = model.visual
-    size = visual.image_size if isinstance(visual.image_size, tuple) else (visual.image_size,) * 2
-    pp = visual.preprocess_cfg
-    towers = [Tower("visual", {"visual": "visual"}, lambda b: model.encode_image(
-                  torch.zeros(b, 3, *size, device=dev, dtype=dtype))),
-              Tower("text", {"text": "text"} if hasattr(model, "text") else {"": "text."},
-                    lambda b: model.encode_text(tokenizer(["a photo"] * b).to(dev)))]
-    return ClipModel(model, preprocess, tokenizer, name=display, pretrained=tag or checkpoint, device=dev,
-                     dtype=dtype, image_size=tuple(size), image_mean=pp["mean"], image_std=pp["std"],
-                     towers=towers, default_templates=default_templates)

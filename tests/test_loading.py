@@ -14,13 +14,14 @@ from safetensors.torch import save_file
 
 import clipscope
 from clipscope import UnknownModelError, UnsafeCheckpointError, WeightsNotAvailableError
+from clipscope.backends.open_clip import register_configs
 from clipscope.model import resolve_device, resolve_precision
 
 from .conftest import DEVICE, make_images
 
 
 def _random_open_clip(arch: str, seed: int = 1):
-    clipscope.model._register_configs()
+    register_configs()
     torch.manual_seed(seed)
     return open_clip.create_model(arch)
 

@@ -55,7 +55,8 @@ def test_a_view_gathers_what_the_separate_functions_compute(organism, images, at
     assert len(view.example_images) == 6 and view.example_images[0].size == tuple(organism.image_size)[::-1]
     wr = word_responses(organism, SITE, list(WORDS), n_variants=atlas.n_variants, progress=False)
     assert view.words == wr.top(SITE, unit, atlas.n_words)
-    lab = label_units(organism, SITE, images, list(dict.fromkeys(CONCEPTS)), progress=False)
+    lab = label_units(organism, SITE, images, list(dict.fromkeys(CONCEPTS)), templates=atlas.label_templates,
+                      progress=False)
     assert [c for c, _ in view.labels] == [c for c, _ in lab.top(unit, atlas.n_labels)]
     assert view.visualization is None  # not rendered until asked
     # the site's views are computed once and timed

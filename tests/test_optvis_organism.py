@@ -174,10 +174,10 @@ def test_redirected_relus_revive_units_that_start_dead(organism):
     from clipscope import Unit, optvis
     from clipscope.optvis.render import redirected_relus
     layer4 = [Unit.channel("visual.layer4", c) for c in range(0, 512, 8)]
-    plain = optvis.render(organism, layer4, steps=24, redirect_steps=0, seed=0, progress=False)
+    plain = optvis.render(organism, layer4, steps=24, redirect_steps=0, seed=0, progress=False, exact_site=True)
     dead = [u for u, v in zip(layer4, plain.trace[-1]) if abs(float(v)) < 1e-6]
     assert len(dead) >= 4, "expected some channels to start (and stay) at zero without redirection"
-    revived = optvis.render(organism, dead, steps=24, seed=0, progress=False)
+    revived = optvis.render(organism, dead, steps=24, seed=0, progress=False, exact_site=True)
     assert int((revived.trace[-1] > 1e-3).sum()) >= len(dead) * 3 // 4
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():

@@ -119,3 +119,14 @@ def test_a_text_tower_ablation_site_is_refused(folder, tmp_path, capsys):
     assert main(["attack", str(folder), "--defence", "ablation", "--ablation-site", "text.transformer.resblocks.0",
                  "--out", str(tmp_path / "r")]) == 2
     assert "ablation_site='text.transformer.resblocks.0' is not valid: an image-tower site" in capsys.readouterr().err
+
+
+def test_an_output_folder_that_cannot_be_written_fails_before_the_model_loads(folder, tmp_path, capsys, monkeypatch):
+    import clipscope
+    loads = []
+    monkeypatch.setattr(clipscope, "load", lambda *a, **k: loads.append(a))
+    (tmp_path / "afile").write_text("a file, not a folder")
+    assert main(["attack", str(folder), "--out", str(tmp_path / "afile" / "report")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "afile" in err and "Not a directory" in err
+    assert loads == []

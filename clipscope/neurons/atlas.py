@@ -16,9 +16,6 @@ Feature visualizations are rendered on demand, many units in one batch
 """
 from __future__ import annotations
 
-import base64
-import html
-import io
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +26,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..io import write_text_atomic
-from .examples import DatasetExamples, Example, _cell, dataset_examples
+from ..pages import BLANK, esc, image_uri, page
+from ..validate import InvalidArgumentError
+from .examples import DatasetExamples, Example, dataset_examples, peak_cell
 from .labels import UnitLabels, label_units
 from .words import WordResponses, default_words, word_responses
 
@@ -93,15 +92,6 @@ class UnitView:
         return unit_card_html(self)
 
 
-def png_data_uri(image: Image.Image, size: int | None = None, fmt: str = "PNG") -> str:
-    """A ``data:`` URI of ``image`` (resized to ``size`` pixels square when given) for embedding in HTML."""
-    if size is not None and image.size != (size, size):
-        image = image.resize((size, size), Image.NEAREST if image.width < size else Image.BILINEAR)
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format=fmt, **({"quality": 85} if fmt == "JPEG" else {}))
-    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def bars_html(items: Sequence[tuple[str, float]], colour: str) -> str:
     """Ranked items as HTML rows with bars proportional to their score (relative to the range shown)."""
     if not items:
@@ -111,7 +101,7 @@ def bars_html(items: Sequence[tuple[str, float]], colour: str) -> str:
     span = (hi - lo) or 1.0
     rows = "".join(
         f'<div style="display:flex;align-items:center;gap:4px;font:11px monospace">'
-        f'<span style="width:7.5em;overflow:hidden;white-space:nowrap">{html.escape(name)}</span>'
+        f'<span style="width:7.5em;overflow:hidden;white-space:nowrap">{esc(name)}</span>'
         f'<span style="display:inline-block;height:9px;width:{4 + 80 * (v - lo) / span:.0f}px;background:{colour}"></span>'
         f"<span>{v:.3g}</span></div>" for name, v in items)
     return rows
@@ -120,22 +110,22 @@ def bars_html(items: Sequence[tuple[str, float]], colour: str) -> str:
 def unit_card_html(view: UnitView, *, vis_size: int = 128, example_size: int = 72) -> str:
     """One unit's four views as a self-contained HTML block (images embedded)."""
     if view.visualization is not None:
-        vis = f'<img src="{png_data_uri(view.visualization, vis_size)}" width="{vis_size}" title="visualization"/>'
+        vis = f'<img src="{image_uri(view.visualization, vis_size)}" width="{vis_size}" title="visualization"/>'
     else:
-        vis = (f'<div style="width:{vis_size}px;height:{vis_size}px;background:#eee;display:flex;'
+        vis = (f'<div style="width:{vis_size}px;height:{vis_size}px;background:rgb{BLANK};display:flex;'
                f'align-items:center;justify-content:center;font:11px sans-serif;color:#777">not rendered</div>')
     examples = "".join(
-        f'<img src="{png_data_uri(img, example_size, "JPEG")}" width="{example_size}" '
-        f'title="{html.escape(str(ex.key))}: {ex.value:.3g}"/>' for ex, img in zip(view.examples, view.example_images))
-    label = (f"<b>{html.escape(view.label)}</b> <small>({view.labels[0][1]:.3g}; also "
-             + ", ".join(html.escape(c) for c, _ in view.labels[1:4]) + ")</small>") if view.labels else "<i>none</i>"
+        f'<img src="{image_uri(img, example_size, "JPEG")}" width="{example_size}" '
+        f'title="{esc(ex.key)}: {ex.value:.3g}"/>' for ex, img in zip(view.examples, view.example_images))
+    label = (f"<b>{esc(view.label)}</b> <small>({view.labels[0][1]:.3g}; also "
+             + ", ".join(esc(c) for c, _ in view.labels[1:4]) + ")</small>") if view.labels else "<i>none</i>"
     return (f'<div class="clipscope-unit-card" style="border:1px solid #ddd;padding:6px;margin:6px 0;font:12px sans-serif">'
-            f'<div style="font-weight:bold">{html.escape(view.site)} · unit {view.unit} · label: {label}</div>'
+            f'<div style="font-weight:bold">{esc(view.site)} · unit {view.unit} · label: {label}</div>'
             f'<div style="display:flex;gap:10px;align-items:flex-start;margin-top:4px">'
             f'<div>{vis}</div>'
             f'<div style="max-width:{4 * (example_size + 4)}px"><div style="color:#555">dataset examples</div>{examples}</div>'
             f'<div><div style="color:#555">top rendered words</div>{bars_html(view.words, "#4a7fc1")}</div>'
-            f'<div><div style="color:#555">concept scores ({html.escape(view.label_method)})</div>'
+            f'<div><div style="color:#555">concept scores ({esc(view.label_method)})</div>'
             f'{bars_html(view.labels, "#4a9a5a")}</div>'
             f"</div></div>")
 
@@ -166,7 +156,10 @@ class Atlas:
     - ``k``: dataset examples kept per unit; ``n_words`` / ``n_labels``: how many top words and
       concepts a :class:`UnitView` lists;
     - ``steps``, ``param``, ``seed``: feature-visualization settings (:func:`~clipscope.optvis.render`);
-    - ``label_method`` / ``label_templates``: CLIP-Dissect score and prompt templates;
+    - ``label_method`` / ``label_templates``: CLIP-Dissect score and prompt templates (default ``None``:
+      the model's prompt templates, so a concept means the thing rather than its written word; on the
+      organism, bare words, the default of :func:`~clipscope.neurons.label_units` as in CLIP-Dissect,
+      label 2 of 6 colour units correctly against 6 of 6 with prompts; ``"{}"`` for bare words);
     - ``cache_dir``: where dataset-example mining keeps its resumable state;
     - ``timings``: seconds spent per (site, view), filled as views are computed.
     """
@@ -200,10 +193,11 @@ class Atlas:
         self._example_images: dict[Any, Image.Image] = {}
 
     # -- per-site views (computed on first use) ----------------------------------------------
-    def _check_site(self, site: str) -> None:
-        s = self.model.site(site)  # unknown names raise with close matches
+    def check_site(self, site: str) -> None:
+        """Raise unless ``site`` is a site of the image tower (unknown names raise with close matches)."""
+        s = self.model.site(site)
         if s.tower != "visual":
-            raise ValueError(f"the atlas shows image-tower units; {site!r} is in the {s.tower} tower")
+            raise InvalidArgumentError("site", site, f"an image-tower site; it is in the {s.tower} tower")
 
     def _timed(self, site: str, what: str, compute: Callable[[], Any]) -> Any:
         start = time.perf_counter()
@@ -211,10 +205,15 @@ class Atlas:
         self.timings[(site, what)] = time.perf_counter() - start
         return value
 
+    def has_views(self, site: str) -> bool:
+        """Whether the per-site views of ``site`` (dataset examples, rendered words, labels) are computed,
+        i.e. whether :meth:`view` of one of its units returns without a pass over the data."""
+        return site in self._examples and site in self._words and site in self._labels
+
     def examples(self, site: str) -> DatasetExamples:
         """Top-``k`` dataset examples of every unit of ``site`` (one pass over ``images``)."""
         if site not in self._examples:
-            self._check_site(site)
+            self.check_site(site)
             self._examples[site] = self._timed(site, "dataset examples", lambda: dataset_examples(
                 self.model, self.images, site, k=self.k, batch_size=self.batch_size, cache_dir=self.cache_dir,
                 progress=self.progress))
@@ -223,7 +222,7 @@ class Atlas:
     def word_responses(self, site: str) -> WordResponses:
         """Every unit's response to each of ``words`` rendered as images."""
         if site not in self._words:
-            self._check_site(site)
+            self.check_site(site)
             self._words[site] = self._timed(site, "rendered words", lambda: word_responses(
                 self.model, site, self.words, n_variants=self.n_variants, seed=self.seed,
                 batch_size=self.batch_size, progress=self.progress))
@@ -232,7 +231,7 @@ class Atlas:
     def labels(self, site: str) -> UnitLabels:
         """CLIP-Dissect concept scores of every unit of ``site`` over ``images``."""
         if site not in self._labels:
-            self._check_site(site)
+            self.check_site(site)
             self._labels[site] = self._timed(site, "labels", lambda: label_units(
                 self.model, site, self.images, self.concepts, top=self.n_labels, method=self.label_method,
                 templates=self.label_templates, batch_size=self.batch_size, progress=self.progress))
@@ -247,12 +246,12 @@ class Atlas:
                   callback: Callable[[int, torch.Tensor], None] | None = None) -> list[Image.Image]:
         """Render the ``units`` of ``site`` that are not rendered yet, in one batch; returns all their images.
 
-        Units are optimized at :func:`~clipscope.optvis.optimization_site` (before the block's
+        ``render`` optimizes units at :func:`~clipscope.optvis.optimization_site` (before the block's
         final ReLU). ``callback(step, values)`` is called after every optimization step.
         """
         from ..hooks import Unit
-        from ..optvis import optimization_site, render
-        self._check_site(site)
+        from ..optvis import render
+        self.check_site(site)
         units = [int(u) for u in units]
         n = self.model.site(site).n_units
         bad = [u for u in units if not 0 <= u < n]
@@ -260,9 +259,8 @@ class Atlas:
             raise ValueError(f"units {bad[:10]} are out of range for {site!r} with {n} units (valid: 0..{n - 1})")
         todo = [u for u in dict.fromkeys(units) if (site, u) not in self._visualizations]
         if todo:
-            target = optimization_site(self.model, site)
             start = time.perf_counter()
-            result = render(self.model, [Unit.channel(target, u) for u in todo], steps=self.steps,
+            result = render(self.model, [Unit.channel(site, u) for u in todo], steps=self.steps,
                             param=self.param, seed=self.seed, progress=bool(self.progress), callback=callback)
             self.timings[(site, "visualization")] = (self.timings.get((site, "visualization"), 0.0)
                                                       + time.perf_counter() - start)
@@ -283,7 +281,7 @@ class Atlas:
         if missing:
             self._example_images.update(zip(missing, ex.load(missing)))
         se = ex.sites[site]
-        images = [mark_peak(_as_pil(self._example_images[e.key]), _cell(se, e.position)) for e in top]
+        images = [mark_peak(_as_pil(self._example_images[e.key]), peak_cell(se, e.position)) for e in top]
         return UnitView(site, unit, self.visualization(site, unit), top, images,
                         self.word_responses(site).top(site, unit, self.n_words),
                         self.labels(site).top(unit, self.n_labels), self.label_method)
@@ -308,24 +306,28 @@ class Atlas:
             if render:
                 self.visualize(site, chosen)
             views = [self.view(site, u) for u in chosen]
-            page = f"{page_name(site)}.html"
-            body = "".join(unit_card_html(v) for v in views)
-            timing = ", ".join(f"{what} {s:.1f} s" for (st, what), s in self.timings.items() if st == site)
-            write_text_atomic(folder / page, _page(
-                f"{title}: {site}",
-                f'<p><a href="index.html">&larr; all layers</a> · {len(views)} units · '
-                f"dataset examples from {self.examples(site).n_seen} images"
-                f"{_skipped(self.examples(site))} · {len(self.words)} rendered words · "
-                f"{len(self.concepts)} concepts ({html.escape(self.label_method)}) · {timing}</p>" + body))
-            summary = ", ".join(f"{v.unit}: {html.escape(v.label)}" for v in views[:12])
-            links.append(f'<li><a href="{page}">{html.escape(site)}</a> ({len(views)} units) '
+            file_name = f"{page_name(site)}.html"
+            write_text_atomic(folder / file_name, self.site_page(site, views, title))
+            summary = ", ".join(f"{v.unit}: {esc(v.label)}" for v in views[:12])
+            links.append(f'<li><a href="{file_name}">{esc(site)}</a> ({len(views)} units) '
                          f"<small>{summary}{' ...' if len(views) > 12 else ''}</small></li>")
-        index = write_text_atomic(folder / "index.html", _page(title, (
-            f"<p>Model <code>{html.escape(str(self.model.id))}</code>. For each unit: its feature visualization "
+        index = write_text_atomic(folder / "index.html", page(title, (
+            f"<p>Model <code>{esc(self.model.id)}</code>. For each unit: its feature visualization "
             "(rendered to maximize it), the dataset images that drive it most (the cell where it peaks outlined), "
             "the words that drive it most when rendered as images, and its best concept labels "
             "(CLIP-Dissect).</p><ul>" + "".join(links) + "</ul>")))
         return index
+
+    def site_page(self, site: str, views: Sequence[UnitView], title: str) -> str:
+        """The HTML page of ``site`` titled ``"<title>: <site>"``: what it was computed from, then one card per view."""
+        ex = self.examples(site)
+        skipped = f" ({ex.n_skipped} unreadable skipped)" if ex.n_skipped else ""
+        timing = ", ".join(f"{what} {s:.1f} s" for (st, what), s in self.timings.items() if st == site)
+        return page(f"{title}: {site}",
+                    f'<p><a href="index.html">&larr; all layers</a> · {len(views)} units · '
+                    f"dataset examples from {ex.n_seen} images{skipped} · {len(self.words)} rendered words · "
+                    f"{len(self.concepts)} concepts ({esc(self.label_method)}) · {timing}</p>"
+                    + "".join(unit_card_html(v) for v in views))
 
 
 def _as_pil(image: Any) -> Image.Image:
@@ -342,13 +344,3 @@ def _as_pil(image: Any) -> Image.Image:
 def page_name(site: str) -> str:
     """The file name stem of ``site``'s atlas page (``<stem>.html``)."""
     return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in site)
-
-
-def _skipped(ex: DatasetExamples) -> str:
-    return f" ({ex.n_skipped} unreadable skipped)" if ex.n_skipped else ""
-
-
-def _page(title: str, body: str) -> str:
-    return (f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title></head>'
-            f'<body style="font-family:sans-serif;margin:16px"><h1 style="font-size:20px">{html.escape(title)}</h1>'
-            f"{body}</body></html>")

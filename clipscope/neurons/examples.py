@@ -23,12 +23,11 @@ import itertools
 import json
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -61,6 +60,8 @@ class SiteExamples:
     (top) or lowest (bottom) value. Rows hold fewer than ``k`` valid entries only when the data
     set had fewer than ``k`` readable images (``positions == -1`` and ``keys`` shorter).
     Positions are flat indices into ``grid`` (``(H, W)`` for conv, ``(L,)`` for tokens).
+    ``prefix_tokens`` and ``patch_grid`` are the model's (:attr:`~clipscope.model.ClipModel.prefix_tokens`,
+    :attr:`~clipscope.model.ClipModel.patch_grid`): where a token sits on the image.
     """
 
     site: str
@@ -73,6 +74,8 @@ class SiteExamples:
     bottom_values: torch.Tensor
     bottom_keys: list[list[Any]]
     bottom_positions: torch.Tensor
+    prefix_tokens: int = 0
+    patch_grid: tuple[int, int] | None = None
 
     def row(self, unit: int) -> int:
         try:
@@ -119,6 +122,8 @@ class DatasetExamples:
     image_std: tuple[float, ...] = (1.0, 1.0, 1.0)
     source: Any = field(default=None, repr=False)
     cache_files: list[str] = field(default_factory=list, repr=False)
+    #: turns a source image into what the model saw (:meth:`~clipscope.model.ClipModel.resize_to_input`)
+    to_input: Callable[[Image.Image], Image.Image] | None = field(default=None, repr=False)
 
     @property
     def n_skipped(self) -> int:
@@ -154,7 +159,8 @@ class DatasetExamples:
     def load(self, keys: Sequence[Any]) -> list[Image.Image]:
         """Load the images with ``keys`` from the source again, as the model saw them (resized, centre-cropped)."""
         found = _load_keys(self.source, list(keys), self.image_mean, self.image_std)
-        return [_model_view(found[key], self.image_size) for key in keys]
+        return [self.to_input(found[key]) if isinstance(found[key], Image.Image) and self.to_input is not None
+                else found[key] for key in keys]
 
     def plot(self, site: str, unit: int, n: int = 8, which: str = "top", cols: int | None = None):
         """Grid of the ``n`` top (or bottom) images of ``unit``, with the peak position marked; returns the figure."""
@@ -171,7 +177,7 @@ class DatasetExamples:
             ax.axis("off")
         for ax, ex, im in zip(axes.flat, examples, images):
             ax.imshow(im)
-            cell = _cell(se, ex.position)
+            cell = peak_cell(se, ex.position)
             if cell is not None:
                 (y, x), (gh, gw) = cell
                 ch, cw = h_img / gh, w_img / gw
@@ -199,31 +205,18 @@ def _short(values: Sequence[int], n: int = 10) -> str:
     return ", ".join(map(str, values[:n])) + (", ..." if len(values) > n else "")
 
 
-def _cell(se: SiteExamples, position: Any) -> tuple[tuple[int, int], tuple[int, int]] | None:
+def peak_cell(se: SiteExamples, position: Any) -> tuple[tuple[int, int], tuple[int, int]] | None:
     """Where to mark a position on the image: ``((y, x), (grid_h, grid_w))``, or ``None``."""
     if position is None:
         return None
     if se.layout == "conv":
         return position, (se.grid[0], se.grid[1])
-    # tokens: a square patch grid, optionally after leading non-patch tokens (class token)
-    n = se.grid[0]
-    for extra in (1, 0):
-        g = int(round((n - extra) ** 0.5))
-        if g > 0 and g * g == n - extra:
-            t = position - extra
-            return (divmod(t, g), (g, g)) if 0 <= t < g * g else None
-    return None
-
-
-def _model_view(image: Image.Image | torch.Tensor, size: tuple[int, int]) -> Image.Image | np.ndarray:
-    """Resize the shorter side and centre-crop, as CLIP preprocessing does (tensors are shown as given)."""
-    if not isinstance(image, Image.Image):
-        return image
-    h, w = size
-    scale = max(h / image.height, w / image.width)
-    im = image.resize((max(w, round(image.width * scale)), max(h, round(image.height * scale))), Image.BICUBIC)
-    left, top = (im.width - w) // 2, (im.height - h) // 2
-    return im.crop((left, top, left + w, top + h))
+    # tokens: the patch grid after the model's prefix tokens (class token, registers)
+    if se.patch_grid is None or se.grid[0] != se.prefix_tokens + se.patch_grid[0] * se.patch_grid[1]:
+        return None
+    rows, cols = se.patch_grid
+    t = position - se.prefix_tokens
+    return (divmod(t, cols), (rows, cols)) if 0 <= t < rows * cols else None
 
 
 def _load_keys(source: Any, keys: list[Any], mean, std) -> dict[Any, Any]:
@@ -352,7 +345,8 @@ class _Running:
         live = set(self.top[1].flatten().tolist()) | set(self.bottom[1].flatten().tolist())
         self.keys = {p: k for p, k in self.keys.items() if p in live}
 
-    def result(self) -> SiteExamples:
+    def result(self, prefix_tokens: int = 0, patch_grid: tuple[int, int] | None = None) -> SiteExamples:
+        """The mined examples; ``prefix_tokens`` and ``patch_grid`` as the model declares them."""
         self.prune_keys()
         layout = self.site.layout
         grid = self.site.shape[1:] if layout == "conv" else self.site.shape[:1] if layout == "tokens" else ()
@@ -367,7 +361,8 @@ class _Running:
         units = list(range(self.site.n_units)) if self.units is None else list(self.units)
         tv, tk, tp = side(self.top)
         bv, bk, bp = side(self.bottom)
-        return SiteExamples(self.site.name, layout, tuple(grid), units, tv, tk, tp, bv, bk, bp)
+        return SiteExamples(self.site.name, layout, tuple(grid), units, tv, tk, tp, bv, bk, bp, prefix_tokens,
+                            patch_grid)
 
 
 # ----------------------------------------------------------------------------------------
@@ -547,7 +542,9 @@ def dataset_examples(model, source: Any, sites: str | Iterable[str], *, k: int =
 
     first = running[names[0]]
     skipped = [(key, reason) for _pos, key, reason in sorted(first.skipped, key=lambda s: s[0])]
-    return DatasetExamples(model_id=model.id, k=k, sites={name: running[name].result() for name in names},
+    sites = {name: running[name].result(model.prefix_tokens, model.patch_grid) for name in names}
+    return DatasetExamples(model_id=model.id, k=k, sites=sites,
                            n_seen=first.n_seen, skipped=skipped, image_size=tuple(model.image_size),
                            image_mean=tuple(model.image_mean), image_std=tuple(model.image_std),
+                           to_input=model.resize_to_input,
                            source=source, cache_files=[str(p) for p in paths.values()])

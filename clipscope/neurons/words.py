@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from ..hooks import Unit, site_names, unit_means
+from ..progress import progress_bar
 
 #: Common English suffixes / word-final fragments. Word-final BPE tokens include these
 #: ("ing</w>", "tion</w>"), which are not words on their own, so they are dropped.
@@ -163,7 +164,7 @@ class WordResponses:
 
     def plot(self, site: str, unit: int | Unit, n: int = 20, ax=None):
         """Horizontal bar chart of the ``n`` top words of ``unit``; returns the figure."""
-        from ._plot import ranked_bars
+        from .plots import ranked_bars
         index = unit.index if isinstance(unit, Unit) else unit
         return ranked_bars(self.top(site, unit, n), xlabel="mean activation", title=f"{site} unit {index}",
                            color="tab:blue", ax=ax)
@@ -212,9 +213,8 @@ def word_responses(model, sites: str | Sequence[str], words: Sequence[str] | Non
 
     sums = {s.name: torch.zeros(len(words), s.n_units, dtype=torch.float64) for s in resolved}
     per_batch = max(1, batch_size // n_variants)
-    from ..model import _progress
     chunks = range(0, len(words), per_batch)
-    for start in _progress(chunks, progress, len(words) > per_batch, "render words", total=len(chunks)):
+    for start in progress_bar(chunks, progress, len(words) > per_batch, "render words", total=len(chunks)):
         chunk = words[start:start + per_batch]
         images = [img for w in chunk for img in
                   render_word_variants(w, n_variants, image_size, fonts=fonts, sizes=sizes, seed=seed)]

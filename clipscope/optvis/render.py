@@ -1,7 +1,6 @@
 """Render: optimize images that maximize an objective, many units at once in one batch."""
 from __future__ import annotations
 
-import base64
 import contextlib
 import html
 import io
@@ -14,7 +13,8 @@ import torch
 
 from ..hooks import Unit
 from ..io import write_bytes_atomic
-from ..validate import InvalidArgumentError, check_int, check_number
+from ..pages import image_grid, image_uri
+from ..validate import InvalidArgumentError, check_choice, check_int, check_number
 from .facets import second_order_forward
 from .objectives import Context, Objective, batched, unit, unit_label
 from .param import ImageParam, check_size, make_param
@@ -65,24 +65,14 @@ class RenderResult:
         return fig
 
     def grid(self, columns: int = 8, tile: int = 128, gap: int = 2):
-        """The images tiled ``columns`` per row, each resized to ``tile`` pixels; returns one ``PIL.Image``."""
-        from PIL import Image
-        images = self.pil_images()
-        cols = max(1, min(columns, len(images)))
-        rows = -(-len(images) // cols)
-        grid = Image.new("RGB", (cols * (tile + gap) - gap, rows * (tile + gap) - gap), "white")
-        for i, img in enumerate(images):
-            resample = Image.NEAREST if img.width < tile else Image.BILINEAR
-            grid.paste(img.resize((tile, tile), resample), ((i % cols) * (tile + gap), (i // cols) * (tile + gap)))
-        return grid
+        """The images tiled ``columns`` per row, each resized to ``tile`` pixels; returns one ``PIL.Image``
+        (see :func:`clipscope.pages.image_grid`)."""
+        return image_grid(self.pil_images(), columns=columns, tile=tile, gap=gap)
 
     def _repr_html_(self) -> str:
-        buf = io.BytesIO()
-        self.grid().save(buf, format="PNG")
-        png = base64.b64encode(buf.getvalue()).decode("ascii")
         final = self.trace[-1].tolist() if len(self.trace) else [float("nan")] * len(self.images)
         caption = ", ".join(f"{label} ({v:.3g})" for label, v in zip(self.labels, final))
-        return (f'<img src="data:image/png;base64,{png}"/><p>{len(self.images)} image(s), {len(self.trace)} steps, '
+        return (f'<img src="{image_uri(self.grid())}"/><p>{len(self.images)} image(s), {len(self.trace)} steps, '
                 f"seed {self.seed}; final objective: {html.escape(caption)}</p>")
 
     def save(self, folder: str | Path) -> list[Path]:
@@ -117,14 +107,17 @@ class _RedirectedReLU(torch.autograd.Function):
 
 
 @contextlib.contextmanager
-def redirected_relus(module: torch.nn.Module):
-    """Inside the block, every ``nn.ReLU`` of ``module`` uses :class:`_RedirectedReLU`'s gradient.
+def redirected_relus(model):
+    """Inside the block, ReLUs use :class:`_RedirectedReLU`'s gradient: for a
+    :class:`~clipscope.model.ClipModel`, the image-tower activations its backend declares
+    (:meth:`~clipscope.model.ClipModel.redirectable_activations`); for a bare ``nn.Module``, its every ``nn.ReLU``.
 
     A unit read after a ReLU that is zero on the starting image gets no gradient at all and
     its image never changes; redirecting the gradient for the first steps of an optimization
     (as Lucid did for CLIP's feature visualizations) gets it moving. Forward values are unchanged.
     """
-    relus = [m for m in module.modules() if isinstance(m, torch.nn.ReLU)]
+    relus = (model.redirectable_activations() if not isinstance(model, torch.nn.Module)
+             else [m for m in model.modules() if isinstance(m, torch.nn.ReLU)])
     for m in relus:
         m.forward = _RedirectedReLU.apply
     try:
@@ -135,28 +128,66 @@ def redirected_relus(module: torch.nn.Module):
 
 
 def optimization_site(model, site: str) -> str:
-    """The site to optimize a unit of ``site`` at; returns a site name.
+    """The site to optimize a unit of ``site`` at; returns a site name (what :func:`render` uses).
 
     A ResNet block (or stage) ends in an in-place ReLU, so a unit read at its output is 0,
     with 0 gradient, wherever its pre-activation is negative: from a flat grey start many
     units never move. Where the unit fires the pre-ReLU value equals the output, so
-    maximizing the pre-ReLU value (``<last block>.act3.pre``) maximizes the same unit and
-    always has a gradient. Sites with no final ReLU (transformer blocks, convolutions,
-    ``.pre`` sites themselves) are returned unchanged.
+    maximizing the pre-ReLU value (:meth:`~clipscope.model.ClipModel.pre_activation_site`)
+    maximizes the same unit and always has a gradient. Sites with no final ReLU (transformer
+    blocks, convolutions, ``.pre`` sites themselves) are returned unchanged; unknown sites raise
+    :class:`~clipscope.validate.InvalidArgumentError` with close matches.
     """
-    names = set(model.layers().names())
-    model.site(site)  # unknown names raise with close matches
-    blocks = sorted((n for n in names if re.fullmatch(re.escape(site) + r"\.\d+", n)),
-                    key=lambda n: int(n.rsplit(".", 1)[1]))
-    block = blocks[-1] if blocks else site
-    pre = f"{block}.act3.pre"
-    return pre if pre in names else site
+    return model.pre_activation_site(site)
+
+
+def optimization_sites(model, objective: Objective) -> dict[str, str]:
+    """``{site: site optimized instead}`` for the sites of ``objective``'s units that end in an activation
+    (see :func:`optimization_site`); sites optimized as they are do not appear."""
+    moved = {u.site: optimization_site(model, u.site) for u in objective.units}
+    return {site: target for site, target in moved.items() if target != site}
+
+
+AUTOCAST = {"bf16": torch.bfloat16}  # render's ``autocast`` names -> the dtype of the forward pass
+
+
+@dataclass(frozen=True)
+class StepSpeed:
+    """How :func:`render` runs each step's forward and backward pass; the images, Adam's state and
+    the trace stay float32 either way.
+
+    - ``channels_last``: the model input goes in channels-last (NHWC) memory order, which the
+      convolutions (oneDNN on the CPU, cuDNN on a GPU) carry through a ResNet tower; values equal
+      the default's to float rounding.
+    - ``autocast``: ``"bf16"`` runs the forward pass under :func:`torch.autocast` in bfloat16
+      (convolutions and matmuls in bf16: about 3 significant digits, fast on CPUs with AVX-512 BF16
+      or AMX and on recent GPUs); ``None`` runs it in the model's dtype.
+    """
+
+    channels_last: bool = False
+    autocast: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.channels_last, bool):
+            raise InvalidArgumentError("channels_last", self.channels_last, "True or False")
+        check_choice("autocast", self.autocast, [None, *AUTOCAST])
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the memory order the forward pass runs in; the values are unchanged."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
+
+    def forward(self, device: str | torch.device) -> contextlib.AbstractContextManager:
+        """The context to run the forward pass in on ``device``: autocast to ``autocast``'s dtype, or none."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(device).type, dtype=AUTOCAST[self.autocast])
 
 
 def render(model, objective_or_units: Objective | Unit | Sequence[Objective | Unit], *,
            param: str | ImageParam = "fourier", transforms: Callable | Sequence[Callable] | None = None,
            size: int | tuple[int, int] | None = None, steps: int = 256, lr: float | None = None,
-           batch: int | None = None, seed: int = 0, redirect_steps: int = 16,
+           batch: int | None = None, seed: int = 0, redirect_steps: int = 16, exact_site: bool = False,
+           channels_last: bool = False, autocast: str | None = None,
            progress: bool = True, callback: Callable[[int, torch.Tensor], None] | None = None) -> RenderResult:
     """Optimize a batch of images to maximize an objective; returns a :class:`RenderResult`.
 
@@ -178,6 +209,13 @@ def render(model, objective_or_units: Objective | Unit | Sequence[Objective | Un
     - ``redirect_steps``: for this many first steps, ReLUs pass gradient that would raise a
       dead unit (:func:`redirected_relus`), so units read after a ReLU that start at zero
       still move; 0 turns it off.
+    - ``exact_site``: units are optimized at their site's pre-activation
+      (:func:`optimization_site`: before a ResNet block's final ReLU), so units that are dead
+      after the ReLU still render, and the trace holds the pre-activation values; the images
+      and labels keep the units asked for. ``True`` optimizes every unit at its own site.
+    - ``channels_last``, ``autocast``: how each step's forward pass runs (:class:`StepSpeed`):
+      channels-last memory order (same values), and ``"bf16"`` to run it in bfloat16 under
+      autocast. Both are off by default; ``bench/optvis_vs_lucent.py`` measures them.
     - ``callback``: called after every step with the step index (from 0) and the batch's
       objective values ``(B,)`` (e.g. to drive a widget's progress bar).
 
@@ -187,6 +225,9 @@ def render(model, objective_or_units: Objective | Unit | Sequence[Objective | Un
     """
     steps, seed = check_int("steps", steps, low=1), check_int("seed", seed)
     redirect_steps = check_int("redirect_steps", redirect_steps, low=0)
+    if not isinstance(exact_site, bool):
+        raise InvalidArgumentError("exact_site", exact_site, "True or False")
+    speed = StepSpeed(channels_last, autocast)
     batch = None if batch is None else check_int("batch", batch, low=1)
     size = None if size is None else check_size("size", size)
     lr = None if lr is None else check_number("lr", lr, low=0)
@@ -208,6 +249,8 @@ def render(model, objective_or_units: Objective | Unit | Sequence[Objective | Un
     if not isinstance(objective, Objective):
         raise TypeError(f"expected an Objective, a Unit or a sequence of them, got {type(objective_or_units).__name__}")
     objective.check(model)
+    moved = {} if exact_site else optimization_sites(model, objective)
+    targets = list(dict.fromkeys(moved.get(site, site) for site in objective.sites))
 
     if isinstance(param, ImageParam):
         if param.batch != n:
@@ -232,15 +275,16 @@ def render(model, objective_or_units: Objective | Unit | Sequence[Objective | Un
         for step in bar:
             optimizer.zero_grad(set_to_none=True)
             image = image_param()
-            redirect = redirected_relus(model.model) if step < redirect_steps else contextlib.nullcontext()
-            x = pipeline(image, generator=generator)
-            with forward_context(), redirect:
+            redirect = redirected_relus(model) if step < redirect_steps else contextlib.nullcontext()
+            x = speed.input(pipeline(image, generator=generator))
+            with forward_context(), redirect, speed.forward(model.device):
                 if objective.reads_embedding:
-                    with model.capture(objective.sites, grad=True) as acts:
+                    with model.capture(targets, grad=True) as acts:
                         embedding = model.encode_image(x, normalize=False)
                 else:   # the tower runs only as far as the deepest site read (not at all for image-only terms)
-                    acts, embedding = model.activations(x, objective.sites, grad=True), None
-            values = objective(Context(model, acts, embedding, image))
+                    acts, embedding = model.activations(x, targets, grad=True), None
+            read = {site: acts[moved.get(site, site)] for site in objective.sites}  # asked names, moved values
+            values = objective(Context(model, read, embedding, image))
             if values.shape != (n,):
                 raise ValueError(f"objective {objective.name!r} returned shape {tuple(values.shape)}; "
                                  f"expected ({n},), one value per batch element")

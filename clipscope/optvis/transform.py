@@ -193,23 +193,21 @@ class ClipInput:
     """Resize to the model's input size and normalize with the model's mean and std.
 
     Takes ``(B, 3, h, w)`` images in [0, 1]; returns ``(B, 3, H, W)`` (``H, W`` =
-    ``model.image_size``) in the model's dtype, as ``(x - model.image_mean) /
-    model.image_std`` per channel: the input :meth:`ClipModel.encode_image` expects.
-    Downscaling is antialiased.
+    ``model.image_size``) in the model's dtype, normalized by :meth:`ClipModel.normalize`
+    (``(x - model.image_mean) / model.image_std`` per channel): the input
+    :meth:`ClipModel.encode_image` expects. Downscaling is antialiased.
     """
 
     def __init__(self, model):
+        self.model = model
         self.size = tuple(model.image_size)
-        self.dtype = model.dtype
-        self.mean = torch.tensor(model.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(model.image_std, dtype=torch.float32).view(1, 3, 1, 1)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if tuple(images.shape[-2:]) != self.size:
             shrink = images.shape[-2] > self.size[0] or images.shape[-1] > self.size[1]
             images = F.interpolate(images, size=self.size, mode="bilinear", align_corners=False, antialias=shrink)
-        mean, std = self.mean.to(images.device), self.std.to(images.device)
-        return ((images - mean) / std).to(self.dtype)
+        return self.model.normalize(images).to(self.model.dtype)
 
     def __repr__(self) -> str:
-        return f"ClipInput(size={self.size}, mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+        return (f"ClipInput(size={self.size}, mean={list(self.model.image_mean)}, "
+                f"std={list(self.model.image_std)})")

@@ -21,8 +21,6 @@ encoded. Unreadable images are skipped and listed with their reasons in the repo
 """
 from __future__ import annotations
 
-import base64
-import html
 import itertools
 import os
 from collections.abc import Callable, Mapping
@@ -30,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from ..data import ImageLoadError, iter_images, list_image_files
-from ..io import figure_png, write_text_atomic
+from ..io import check_writable, figure_png, write_text_atomic
+from ..pages import esc, page, png_uri
 from ..validate import InvalidArgumentError, check_choice, check_int, check_names
 from .attack import Attack
 from .defences import AblationDefence, Defence, PromptDefence, find_text_units
@@ -137,7 +136,7 @@ def check_config(config: Any) -> dict[str, Any]:
 
 
 def _img(png: bytes) -> str:
-    return f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" style="max-width:100%">'
+    return f'<img src="{png_uri(png)}">'
 
 
 def run_attack_config(config: dict[str, Any], *, progress: bool | None = None, model=None) -> Path:
@@ -151,7 +150,7 @@ def run_attack_config(config: dict[str, Any], *, progress: bool | None = None, m
     import clipscope
     cfg = check_config(config)
     data, fmt = cfg["data"], cfg["data"]["format"]
-    out = Path(cfg["out"])
+    out = check_writable(cfg["out"])  # before the model loads and any image is attacked
     attack = build_attack(cfg["attack"] or {})
     if model is None:
         model = clipscope.load(cfg["model"], pretrained=cfg["pretrained"])
@@ -161,11 +160,8 @@ def run_attack_config(config: dict[str, Any], *, progress: bool | None = None, m
         sections, tables = _imagefolder(model, cfg, attack, out, progress)
     summary = pd.concat(tables, ignore_index=True)
     write_text_atomic(out / "summary.csv", summary.to_csv(index=False))
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>typographic attack report</title>"
-            f"<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{padding:3px 8px}}</style>"
-            f"</head><body><h1>Typographic attack report</h1><p>model: {html.escape(repr(model))}<br>"
-            f"data: {html.escape(str(data['path']))} ({html.escape(fmt)})</p>{''.join(sections)}</body></html>")
-    return write_text_atomic(out / "index.html", page)
+    body = f"<p>model: {esc(repr(model))}<br>data: {esc(data['path'])} ({esc(fmt)})</p>{''.join(sections)}"
+    return write_text_atomic(out / "index.html", page("Typographic attack report", body))
 
 
 def _public_set(model, cfg: dict[str, Any], out: Path, progress: bool | None) -> tuple[list[str], list]:
@@ -177,7 +173,7 @@ def _public_set(model, cfg: dict[str, Any], out: Path, progress: bool | None) ->
     frame, metrics = tset.evaluate(model, cfg["classes"], templates=cfg["templates"], progress=progress)
     write_text_atomic(out / "predictions.csv", frame.drop(columns=["image"]).astype(str).to_csv(index=False))
     table = pd.DataFrame([{"set": tset.name, **metrics}])
-    section = (f"<h2>{html.escape(tset.name)} set</h2>{table.to_html(index=False)}"
+    section = (f"<h2>{esc(tset.name)} set</h2>{table.to_html(index=False)}"
                f"{_skipped_html(tset.skipped, 'entries')}")
     _write_skipped(out, tset.skipped)
     return [section], [table]
@@ -197,7 +193,7 @@ def _imagefolder(model, cfg: dict[str, Any], attack: Attack, out: Path,
                           seed=seed, progress=progress)
         skipped = result.skipped
         tables.append(result.summary())
-        sections.append(f"<h2>{html.escape(result.defence)}</h2>{result._repr_html_()}{_img(figure_png(result.plot()))}"
+        sections.append(f"<h2>{esc(result.defence)}</h2>{result._repr_html_()}{_img(figure_png(result.plot()))}"
                         f"<h3>Per class</h3>{result.per_class().to_html(float_format='{:.3f}'.format)}")
         write_text_atomic(out / f"images_{defence.name}.csv", result.frame.to_csv(index=False))
     if vary:
@@ -240,7 +236,7 @@ def _ablation_site(model, site: str | None) -> str:
 
 def _skipped_html(skipped: list[tuple[Any, str]], what: str) -> str:
     """A report section listing the skipped items with their reasons."""
-    items = "".join(f"<li>{html.escape(str(k))}: {html.escape(str(r))}</li>" for k, r in skipped)
+    items = "".join(f"<li>{esc(k)}: {esc(r)}</li>" for k, r in skipped)
     return f"<h2>Skipped {what}</h2><p>{len(skipped)} {what} skipped (unreadable)</p><ul>{items}</ul>"
 
 

@@ -18,30 +18,18 @@ import ipywidgets as widgets
 from PIL import Image
 
 from ..neurons.atlas import Atlas, UnitView, bars_html
+from ..pages import fit_square, image_grid
 
 __all__ = ["NeuronExplorer"]
 
 _PLACEHOLDER_SIZE = 128
 
 
-def _png(image: Image.Image, size: int) -> bytes:
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.NEAREST if image.width < size else Image.BILINEAR)
+def _png(image: Image.Image, size: int | None = None) -> bytes:
+    """PNG bytes of ``image``, resized to ``size`` pixels square when given."""
     buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="PNG")
+    (fit_square(image, size) if size is not None else image.convert("RGB")).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _strip(images: Sequence[Image.Image], tile: int, columns: int = 4, gap: int = 2) -> Image.Image:
-    """The images tiled ``columns`` per row at ``tile`` pixels (a blank tile when there are none)."""
-    images = list(images) or [Image.new("RGB", (tile, tile), (238, 238, 238))]
-    cols = min(columns, len(images))
-    rows = -(-len(images) // cols)
-    out = Image.new("RGB", (cols * (tile + gap) - gap, rows * (tile + gap) - gap), "white")
-    for i, img in enumerate(images):
-        resample = Image.NEAREST if img.width < tile else Image.BILINEAR
-        out.paste(img.convert("RGB").resize((tile, tile), resample), ((i % cols) * (tile + gap), (i // cols) * (tile + gap)))
-    return out
 
 
 class _UnitPanel(widgets.VBox):
@@ -90,16 +78,14 @@ class _UnitPanel(widgets.VBox):
                             + f"<small>{html.escape(view.label_method)} over {n_images} images</small>")
 
     def _strip_png(self, view: UnitView) -> bytes:
-        buf = io.BytesIO()
-        _strip(view.example_images, self.tile).save(buf, format="PNG")
-        return buf.getvalue()
+        return _png(image_grid(view.example_images, columns=4, tile=self.tile))
 
 
 class NeuronExplorer(widgets.VBox):
     """Explore units of an :class:`~clipscope.neurons.Atlas` in a notebook.
 
     - ``sites``: the layers offered (default: the image tower's top-level blocks,
-      :meth:`~clipscope.model.Layers.blocks`, plus ``site`` if it is another);
+      :meth:`~clipscope.model.ClipModel.blocks`, plus ``site`` if it is another);
     - ``site`` / ``unit``: what is shown first (default: the last site, unit 0);
     - ``compare``: a second unit shown side by side (``None``: comparison off).
 
@@ -112,14 +98,14 @@ class NeuronExplorer(widgets.VBox):
                  unit: int = 0, compare: int | None = None, vis_size: int = 160, tile: int = 64) -> None:
         self.atlas = atlas
         if sites is None:
-            sites = atlas.model.layers().blocks().names()
-            if site is not None and site not in sites:   # e.g. a sub-block such as visual.layer4.2
+            sites = atlas.model.blocks("visual")
+            if site is not None and site not in sites:   # e.g. a sub-block of one of them
                 sites.append(site)
         sites = list(sites)
         if not sites:
             raise ValueError("no image-tower sites to explore; pass sites=[...] (see model.layers())")
         for s in sites:
-            atlas._check_site(s)
+            atlas.check_site(s)
         site = site or sites[-1]
         if site not in sites:
             raise ValueError(f"site {site!r} is not among the explorer's sites {sites}")
@@ -163,7 +149,7 @@ class NeuronExplorer(widgets.VBox):
 
     def _refresh(self, _change=None) -> None:
         site = self.layer.value
-        first_time = site not in self.atlas._examples
+        first_time = not self.atlas.has_views(site)
         if first_time:
             self.status.value = f"<i>computing the views of {html.escape(site)} (first use of this layer) ...</i>"
         try:
