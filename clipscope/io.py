@@ -6,6 +6,7 @@ naming the path and the cause, with no temporary file left behind.
 """
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from pathlib import Path
@@ -63,13 +64,23 @@ def ensure_folder(folder: str | os.PathLike) -> Path:
 
 
 def check_writable(folder: str | os.PathLike) -> Path:
-    """Create ``folder`` if needed, then create and remove a probe file in it; returns it as a Path.
+    """Check that ``folder`` can be written, creating nothing that is not there; returns it as a Path.
 
-    Long jobs call this before their expensive part, so that a folder that cannot be written (a
-    parent that is a file, a read-only or full disk, no permission) fails in a second with one
-    :class:`OutputError` naming the folder and the cause, not after the work.
+    An existing folder gets a probe file, created and removed; for a missing one, its nearest
+    existing ancestor must be a folder this process may write in. Long jobs call this before their
+    expensive part, so that a folder that cannot be written (a parent that is a file, a read-only or
+    full disk, no permission) fails in a second with one :class:`OutputError` naming the folder and
+    the cause, not after the work, and a job refused later for another reason leaves nothing behind.
     """
-    folder = ensure_folder(folder)
+    folder = Path(folder)
+    if not folder.is_dir():
+        ancestor = next(p for p in (folder, *folder.parents) if p.exists())  # '.' or '/' at the latest
+        if not ancestor.is_dir():
+            raise OutputError(folder, NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(ancestor)))
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            code = errno.EROFS if _read_only(ancestor) else errno.EACCES
+            raise OutputError(folder, OSError(code, os.strerror(code), str(ancestor)))
+        return folder
     probe = folder / f".clipscope-write-probe-{secrets.token_hex(4)}"
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -78,6 +89,13 @@ def check_writable(folder: str | os.PathLike) -> Path:
     except OSError as exc:
         raise OutputError(folder, exc) from exc
     return folder
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no statvfs (Windows)
+        return False
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:

@@ -17,7 +17,7 @@ import pytest
 
 import clipscope.io
 from clipscope.data import display_path, list_image_files, load_image
-from clipscope.io import OutputError, ensure_folder, safe_text, write_bytes_atomic, write_text_atomic
+from clipscope.io import OutputError, check_writable, ensure_folder, safe_text, write_bytes_atomic, write_text_atomic
 from clipscope.typographic import export_attack_set, load_label_text_folder, load_materzynska
 from clipscope.typographic.attack import Attack
 
@@ -173,3 +173,20 @@ class TestNonUtf8Names:
         tset = load_materzynska(tmp_path)
         assert tset.frame["label"].tolist() == ["caf\\xe9"] and load_image(tset.frame["image"].iloc[0])
         assert tset.skipped == [("gone\\xff.png", "file is missing")]
+
+
+class TestCheckWritable:
+    def test_a_missing_folder_under_a_writable_one_passes_and_is_not_created(self, tmp_path):
+        assert check_writable(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+        assert list(tmp_path.iterdir()) == []
+
+    def test_an_existing_folder_is_probed_and_left_as_it_was(self, tmp_path):
+        (tmp_path / "keep.txt").write_text("x")
+        check_writable(tmp_path)
+        assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+    def test_a_parent_that_is_a_file_is_one_error_naming_the_folder_and_the_cause(self, tmp_path):
+        (tmp_path / "afile").write_text("x")
+        with pytest.raises(OutputError) as info:
+            check_writable(tmp_path / "afile" / "out")
+        assert str(info.value).startswith(f"cannot write {tmp_path / 'afile' / 'out'}: Not a directory")
