@@ -233,6 +233,21 @@ def render(model, objective_or_units: Objective | Unit | Sequence[Objective | Un
     lr = None if lr is None else check_number("lr", lr, low=0)
     if callback is not None and not callable(callback):
         raise InvalidArgumentError("callback", callback, "a function (step, values) or None")
+    objective, units = _objective_and_units(objective_or_units, param, batch)
+    objective.check(model)
+    moved = {} if exact_site else optimization_sites(model, objective)
+    image_param = _image_param(model, param, len(units), size, seed)
+    pipeline = Compose([_transforms(transforms, image_param), ClipInput(model)])
+    trace = _optimize(model, objective, moved, image_param, pipeline, steps=steps, lr=lr, seed=seed,
+                      redirect_steps=redirect_steps, speed=speed, progress=progress, callback=callback)
+    with torch.no_grad():
+        images = image_param().float().cpu()
+    return RenderResult(images, trace, list(units), seed)
+
+
+def _objective_and_units(objective_or_units: Objective | Unit | Sequence[Objective | Unit], param: str | ImageParam,
+                         batch: int | None) -> tuple[Objective, list[Unit | Objective]]:
+    """What :func:`render` optimizes; returns the (batched) objective and what each batch element maximizes."""
     items = list(objective_or_units) if isinstance(objective_or_units, (list, tuple)) else None
     if items is not None:
         if not items:
@@ -240,7 +255,7 @@ def render(model, objective_or_units: Objective | Unit | Sequence[Objective | Un
         if batch is not None and batch != len(items):
             raise InvalidArgumentError("batch", batch, f"{len(items)} (one batch element per objective/unit "
                                                        "given) or None")
-        objective, units, n = batched(items), items, len(items)
+        objective, units = batched(items), items
     else:
         n = batch if batch is not None else param.batch if isinstance(param, ImageParam) else 1
         single = objective_or_units
@@ -248,26 +263,35 @@ def render(model, objective_or_units: Objective | Unit | Sequence[Objective | Un
         units = [single] * n
     if not isinstance(objective, Objective):
         raise TypeError(f"expected an Objective, a Unit or a sequence of them, got {type(objective_or_units).__name__}")
-    objective.check(model)
-    moved = {} if exact_site else optimization_sites(model, objective)
-    targets = list(dict.fromkeys(moved.get(site, site) for site in objective.sites))
+    return objective, units
 
+
+def _image_param(model, param: str | ImageParam, n: int, size: tuple[int, int] | None, seed: int) -> ImageParam:
+    """The ``n`` images :func:`render` optimizes; returns ``param`` itself when it is an ``ImageParam``."""
     if isinstance(param, ImageParam):
         if param.batch != n:
             raise InvalidArgumentError("batch", n, f"the parameterization holds {param.batch} images; give "
                                                    f"batch={param.batch} or None")
-        image_param = param
-    else:
-        image_param = make_param(param, n, size or model.image_size, seed=seed, device=model.device)
+        return param
+    return make_param(param, n, size or model.image_size, seed=seed, device=model.device)
+
+
+def _transforms(transforms: Callable | Sequence[Callable] | None, image_param: ImageParam) -> Callable:
+    """:func:`render`'s ``transforms`` as one callable; returns the standard ones for ``None``."""
     if transforms is None:
-        transforms = standard_transforms(image_param.size)
-    elif not callable(transforms):
-        transforms = Compose(transforms)
-    pipeline = Compose([transforms, ClipInput(model)])
+        return standard_transforms(image_param.size)
+    if not callable(transforms):
+        return Compose(transforms)
+    return transforms
+
+
+def _optimize(model, objective: Objective, moved: dict[str, str], image_param: ImageParam, pipeline: Callable, *,
+              steps: int, lr: float | None, seed: int, redirect_steps: int, speed: StepSpeed, progress: bool,
+              callback: Callable[[int, torch.Tensor], None] | None) -> torch.Tensor:
+    """Run :func:`render`'s Adam steps on ``image_param``; returns the trace, float32 ``(steps, B)`` on the CPU."""
+    targets = list(dict.fromkeys(moved.get(site, site) for site in objective.sites))
     optimizer = torch.optim.Adam(image_param.parameters(), lr=image_param.lr if lr is None else lr)
     generator = torch.Generator().manual_seed(seed)
-
-    forward_context = second_order_forward if objective.second_order else contextlib.nullcontext
     from tqdm.auto import tqdm
     bar = tqdm(range(steps), desc="render", disable=not progress, leave=False)
     trace = []
@@ -275,19 +299,12 @@ def render(model, objective_or_units: Objective | Unit | Sequence[Objective | Un
         for step in bar:
             optimizer.zero_grad(set_to_none=True)
             image = image_param()
-            redirect = redirected_relus(model) if step < redirect_steps else contextlib.nullcontext()
             x = speed.input(pipeline(image, generator=generator))
-            with forward_context(), redirect, speed.forward(model.device):
-                if objective.reads_embedding:
-                    with model.capture(targets, grad=True) as acts:
-                        embedding = model.encode_image(x, normalize=False)
-                else:   # the tower runs only as far as the deepest site read (not at all for image-only terms)
-                    acts, embedding = model.activations(x, targets, grad=True), None
-            read = {site: acts[moved.get(site, site)] for site in objective.sites}  # asked names, moved values
-            values = objective(Context(model, read, embedding, image))
-            if values.shape != (n,):
+            values = _objective_values(model, objective, moved, targets, image, x, redirect=step < redirect_steps,
+                                       speed=speed)
+            if values.shape != (image_param.batch,):
                 raise ValueError(f"objective {objective.name!r} returned shape {tuple(values.shape)}; "
-                                 f"expected ({n},), one value per batch element")
+                                 f"expected ({image_param.batch},), one value per batch element")
             (-values.sum()).backward()
             optimizer.step()
             trace.append(values.detach())
@@ -295,6 +312,19 @@ def render(model, objective_or_units: Objective | Unit | Sequence[Objective | Un
                 callback(step, trace[-1])
             if progress and (step % 16 == 0 or step == steps - 1):
                 bar.set_postfix(objective=f"{values.detach().mean().item():.3g}")
-    with torch.no_grad():
-        images = image_param().float().cpu()
-    return RenderResult(images, torch.stack(trace).float().cpu(), list(units), seed)
+    return torch.stack(trace).float().cpu()
+
+
+def _objective_values(model, objective: Objective, moved: dict[str, str], targets: list[str], image: torch.Tensor,
+                      x: torch.Tensor, *, redirect: bool, speed: StepSpeed) -> torch.Tensor:
+    """One forward pass of the model input ``x`` made from ``image``; returns the objective's values ``(B,)``."""
+    forward_context = second_order_forward if objective.second_order else contextlib.nullcontext
+    relus = redirected_relus(model) if redirect else contextlib.nullcontext()
+    with forward_context(), relus, speed.forward(model.device):
+        if objective.reads_embedding:
+            with model.capture(targets, grad=True) as acts:
+                embedding = model.encode_image(x, normalize=False)
+        else:   # the tower runs only as far as the deepest site read (not at all for image-only terms)
+            acts, embedding = model.activations(x, targets, grad=True), None
+    read = {site: acts[moved.get(site, site)] for site in objective.sites}  # asked names, moved values
+    return objective(Context(model, read, embedding, image))
