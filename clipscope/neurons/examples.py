@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -35,6 +35,9 @@ from ..data import (ImageLoadError, iter_images, list_image_files, load_image, p
                     source_length)
 from ..hooks import feature_last, site_names
 from ..io import write_bytes_atomic
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 CACHE_VERSION = 1
 
@@ -472,74 +475,19 @@ def dataset_examples(model, source: Any, sites: str | Iterable[str], *, k: int =
     """
     if k < 1:
         raise ValueError("k must be at least 1")
-    names = site_names(sites)
-    if not names:
-        raise ValueError("give at least one site")
-    for name in names:
-        if model.site(name).tower != "visual":
-            raise ValueError(f"{name!r} is a text-tower site; dataset examples rank images (use a visual.* site)")
+    names = _image_sites(model, sites)
     chosen = _normalize_units(model, names, units)
     device = torch.device(model.device)
     running = {name: _Running(model.site(name), chosen[name], k, device) for name in names}
-
-    paths: dict[str, Path] = {}
-    if cache_dir is not None:
-        fp = fingerprint or source_fingerprint(source)
-        if fp is None:
-            warnings.warn("cannot fingerprint this data source without consuming it (a stream); "
-                          "pass fingerprint= to cache it. Running without the cache.", stacklevel=2)
-        else:
-            for name in names:
-                paths[name] = Path(cache_dir) / f"examples_{cache_key(model.id, fp, name, k, chosen[name])}.pt"
-                state = _read_state(paths[name])
-                if state is not None and state.get("version") == CACHE_VERSION:
-                    running[name].restore(state, device)
-
-    def checkpoint() -> None:
-        for name, path in paths.items():
-            running[name].prune_keys()
-            _write_state(path, running[name].state())
-
+    paths = _cache_paths(model, source, names, chosen, k, cache_dir, fingerprint)
+    for name, path in paths.items():
+        state = _read_state(path)
+        if state is not None and state.get("version") == CACHE_VERSION:
+            running[name].restore(state, device)
     todo = [name for name in names if not running[name].done]
     if todo:
-        start = min(running[n].consumed for n in todo)
-        total = source_length(source)
-        bar = None
-        show = (total is None or total - start > batch_size) if progress is None else progress
-        if show:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=None if total is None else total - start, desc="dataset examples", leave=False)
-        n_batches = 0
-        try:
-            with torch.no_grad():
-                for x, positions, keys, skipped, consumed in prefetch(_batches(model, source, start, batch_size)):
-                    if x is not None:
-                        # one batch at a time, the tower run only as far as the deepest site mined
-                        acts = model.activations(x, todo)
-                        for name in todo:
-                            running[name].update(acts[name], positions, keys)
-                        del acts
-                    for name in todo:
-                        run = running[name]
-                        run.skipped.extend(s for s in skipped if s[0] >= run.consumed)
-                        run.consumed = max(run.consumed, consumed)
-                    n_batches += 1
-                    if bar is not None:
-                        bar.update(len(keys) + len(skipped))
-                    if paths and n_batches % checkpoint_every == 0:
-                        checkpoint()
-        except BaseException:
-            if paths:
-                checkpoint()          # every state is at a batch boundary: safe to resume from
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-        for name in todo:
-            running[name].done = True
-        if paths:
-            checkpoint()
-
+        _mine(model, source, running, todo, paths, batch_size=batch_size, progress=progress,
+              checkpoint_every=checkpoint_every)
     first = running[names[0]]
     skipped = [(key, reason) for _pos, key, reason in sorted(first.skipped, key=lambda s: s[0])]
     sites = {name: running[name].result(model.prefix_tokens, model.patch_grid) for name in names}
@@ -548,3 +496,87 @@ def dataset_examples(model, source: Any, sites: str | Iterable[str], *, k: int =
                            image_mean=tuple(model.image_mean), image_std=tuple(model.image_std),
                            to_input=model.resize_to_input,
                            source=source, cache_files=[str(p) for p in paths.values()])
+
+
+def _image_sites(model, sites: str | Iterable[str]) -> list[str]:
+    """The site names of ``sites``; returns them after checking there is one and all are image-tower sites."""
+    names = site_names(sites)
+    if not names:
+        raise ValueError("give at least one site")
+    for name in names:
+        if model.site(name).tower != "visual":
+            raise ValueError(f"{name!r} is a text-tower site; dataset examples rank images (use a visual.* site)")
+    return names
+
+
+def _cache_paths(model, source: Any, names: list[str], chosen: dict[str, list[int] | None], k: int,
+                 cache_dir: str | os.PathLike | None, fingerprint: str | None) -> dict[str, Path]:
+    """Where each site's running state is cached; returns ``{}`` without ``cache_dir`` or a fingerprint."""
+    if cache_dir is None:
+        return {}
+    fp = fingerprint or source_fingerprint(source)
+    if fp is None:
+        warnings.warn("cannot fingerprint this data source without consuming it (a stream); "
+                      "pass fingerprint= to cache it. Running without the cache.", stacklevel=3)
+        return {}
+    return {name: Path(cache_dir) / f"examples_{cache_key(model.id, fp, name, k, chosen[name])}.pt" for name in names}
+
+
+def _checkpoint(running: dict[str, _Running], paths: dict[str, Path]) -> None:
+    """Write the running state of each site in ``paths`` to its cache file."""
+    for name, path in paths.items():
+        running[name].prune_keys()
+        _write_state(path, running[name].state())
+
+
+def _mine(model, source: Any, running: dict[str, _Running], todo: list[str], paths: dict[str, Path], *,
+          batch_size: int, progress: bool | None, checkpoint_every: int) -> None:
+    """Stream ``source`` into the running state of the ``todo`` sites, checkpointing to ``paths``; marks them done."""
+    start = min(running[n].consumed for n in todo)
+    bar = _progress_bar(source, start, batch_size, progress)
+    n_batches = 0
+    try:
+        with torch.no_grad():
+            for x, positions, keys, skipped, consumed in prefetch(_batches(model, source, start, batch_size)):
+                _merge_batch(model, running, todo, x, positions, keys, skipped, consumed)
+                n_batches += 1
+                if bar is not None:
+                    bar.update(len(keys) + len(skipped))
+                if paths and n_batches % checkpoint_every == 0:
+                    _checkpoint(running, paths)
+    except BaseException:
+        if paths:
+            _checkpoint(running, paths)          # every state is at a batch boundary: safe to resume from
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    for name in todo:
+        running[name].done = True
+    if paths:
+        _checkpoint(running, paths)
+
+
+def _progress_bar(source: Any, start: int, batch_size: int, progress: bool | None) -> tqdm | None:
+    """The mining pass's progress bar from source item ``start`` on; returns a tqdm bar, or ``None`` when hidden."""
+    total = source_length(source)
+    show = (total is None or total - start > batch_size) if progress is None else progress
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=None if total is None else total - start, desc="dataset examples", leave=False)
+
+
+def _merge_batch(model, running: dict[str, _Running], todo: list[str], x: torch.Tensor | None,
+                 positions: torch.Tensor, keys: list[Any], skipped: list[list[Any]], consumed: int) -> None:
+    """Merge one batch of :func:`_batches` into the running state of the ``todo`` sites."""
+    if x is not None:
+        # one batch at a time, the tower run only as far as the deepest site mined
+        acts = model.activations(x, todo)
+        for name in todo:
+            running[name].update(acts[name], positions, keys)
+        del acts
+    for name in todo:
+        run = running[name]
+        run.skipped.extend(s for s in skipped if s[0] >= run.consumed)
+        run.consumed = max(run.consumed, consumed)
