@@ -186,21 +186,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    parser = argparse.ArgumentParser(prog="clipscope", description="Look inside CLIP models and test them.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
-                        help="print the version (clipscope X.Y.Z) and exit")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                help="what to run; `clipscope COMMAND --help` describes its options")
-
-    p = sub.add_parser("demo", help="run the main job on a model and write a report folder")
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    """Add the ``demo`` sub-command's arguments to its parser ``p``."""
     _model_args(p)
     p.add_argument("--out", default="clipscope-demo", help="report folder (default: clipscope-demo)")
     p.add_argument("--steps", type=int, default=256, help="optimization steps per feature visualization (default 256)")
-    p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("visualize", help="feature visualization: render units of a site, or a text direction")
+
+def _visualize_args(p: argparse.ArgumentParser) -> None:
+    """Add the ``visualize`` sub-command's arguments to its parser ``p``."""
     p.add_argument("--site", help="image-tower site, e.g. visual.layer4 (see `clipscope layers`)")
     p.add_argument("--units", default="0-7", help="channel indices: 0-7 (default), 3,17,42 or a mix")
     p.add_argument("--prompt", action="append",
@@ -217,13 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimize at --site itself, not before its block's final ReLU")
     p.add_argument("--out", default="visualize-out", help="output folder (default: visualize-out)")
     _model_args(p)
-    p.set_defaults(func=cmd_visualize)
 
+
+def _score_args(p: argparse.ArgumentParser) -> None:
+    """Add the ``score`` sub-command's arguments to its parser ``p``."""
     from .scoring import MAX_URL_BYTES, URL_TIMEOUT_S
-    p = sub.add_parser("score", help="zero-shot batch scoring of an endpoint-format JSON request",
-                       epilog="Exit status: 0 when at least one row was scored (bad rows carry an 'error'), "
-                              "1 when every row failed (the response is still written; the count goes to "
-                              "stderr), 2 when the request, the model or an option is invalid.")
     p.add_argument("request", help="path to the request JSON file, or the JSON text itself")
     p.add_argument("-o", "--output", help="write the response JSON here instead of printing it")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
@@ -235,9 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-url-bytes", type=int, default=MAX_URL_BYTES,
                    help=f"largest image fetched from a URL, in bytes (default {MAX_URL_BYTES})")
     _model_args(p)
-    p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("attack", help="run a typographic attack over a folder and write a report")
+
+def _attack_args(p: argparse.ArgumentParser) -> None:
+    """Add the ``attack`` sub-command's arguments to its parser ``p``."""
     p.add_argument("folder", nargs="?", help="image folder (labels = sub-folder names) or a public attack set")
     p.add_argument("--config", help="YAML file with the run's settings (flags override it)")
     p.add_argument("--format", choices=["imagefolder", "paint", "rta100", "scam", "materzynska"],
@@ -264,16 +257,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder (default: attack-report)")
     p.add_argument("--model", default=None, help="model name (default: the config's, else 'organism')")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path for --model")
+
+
+def _audit_args(p: argparse.ArgumentParser) -> None:
+    """Add the ``audit`` sub-command's arguments to its parser ``p``."""
+    p.add_argument("spec", help="audit spec, e.g. audits/organism_planted_bias.yaml")
+    p.add_argument("--out", default=None, help="output folder (default: the spec's)")
+
+
+def _layers_args(p: argparse.ArgumentParser) -> None:
+    """Add the ``layers`` sub-command's arguments to its parser ``p``."""
+    p.add_argument("--tower", choices=["visual", "text"], help="list only this tower's sites (default: both)")
+    _model_args(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    parser = argparse.ArgumentParser(prog="clipscope", description="Look inside CLIP models and test them.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version (clipscope X.Y.Z) and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="what to run; `clipscope COMMAND --help` describes its options")
+
+    p = sub.add_parser("demo", help="run the main job on a model and write a report folder")
+    _demo_args(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("visualize", help="feature visualization: render units of a site, or a text direction")
+    _visualize_args(p)
+    p.set_defaults(func=cmd_visualize)
+
+    p = sub.add_parser("score", help="zero-shot batch scoring of an endpoint-format JSON request",
+                       epilog="Exit status: 0 when at least one row was scored (bad rows carry an 'error'), "
+                              "1 when every row failed (the response is still written; the count goes to "
+                              "stderr), 2 when the request, the model or an option is invalid.")
+    _score_args(p)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("attack", help="run a typographic attack over a folder and write a report")
+    _attack_args(p)
     p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("audit", help="run a bias audit spec (YAML) and write its report")
-    p.add_argument("spec", help="audit spec, e.g. audits/organism_planted_bias.yaml")
-    p.add_argument("--out", default=None, help="output folder (default: the spec's)")
+    _audit_args(p)
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("layers", help="list a model's hookable sites")
-    p.add_argument("--tower", choices=["visual", "text"], help="list only this tower's sites (default: both)")
-    _model_args(p)
+    _layers_args(p)
     p.set_defaults(func=cmd_layers)
     return parser
 
