@@ -271,6 +271,21 @@ def _layers_args(p: argparse.ArgumentParser) -> None:
     _model_args(p)
 
 
+#: The sub-commands: name, the function adding its arguments, the function running it, help, epilog.
+_COMMANDS = (
+    ("demo", _demo_args, cmd_demo, "run the main job on a model and write a report folder", None),
+    ("visualize", _visualize_args, cmd_visualize,
+     "feature visualization: render units of a site, or a text direction", None),
+    ("score", _score_args, cmd_score, "zero-shot batch scoring of an endpoint-format JSON request",
+     "Exit status: 0 when at least one row was scored (bad rows carry an 'error'), 1 when every row failed "
+     "(the response is still written; the count goes to stderr), 2 when the request, the model or an option "
+     "is invalid."),
+    ("attack", _attack_args, cmd_attack, "run a typographic attack over a folder and write a report", None),
+    ("audit", _audit_args, cmd_audit, "run a bias audit spec (YAML) and write its report", None),
+    ("layers", _layers_args, cmd_layers, "list a model's hookable sites", None),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(prog="clipscope", description="Look inside CLIP models and test them.")
@@ -279,32 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 help="what to run; `clipscope COMMAND --help` describes its options")
 
-    p = sub.add_parser("demo", help="run the main job on a model and write a report folder")
-    _demo_args(p)
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("visualize", help="feature visualization: render units of a site, or a text direction")
-    _visualize_args(p)
-    p.set_defaults(func=cmd_visualize)
-
-    p = sub.add_parser("score", help="zero-shot batch scoring of an endpoint-format JSON request",
-                       epilog="Exit status: 0 when at least one row was scored (bad rows carry an 'error'), "
-                              "1 when every row failed (the response is still written; the count goes to "
-                              "stderr), 2 when the request, the model or an option is invalid.")
-    _score_args(p)
-    p.set_defaults(func=cmd_score)
-
-    p = sub.add_parser("attack", help="run a typographic attack over a folder and write a report")
-    _attack_args(p)
-    p.set_defaults(func=cmd_attack)
-
-    p = sub.add_parser("audit", help="run a bias audit spec (YAML) and write its report")
-    _audit_args(p)
-    p.set_defaults(func=cmd_audit)
-
-    p = sub.add_parser("layers", help="list a model's hookable sites")
-    _layers_args(p)
-    p.set_defaults(func=cmd_layers)
+    for name, add_args, func, help_text, epilog in _COMMANDS:
+        p = sub.add_parser(name, help=help_text, epilog=epilog)
+        add_args(p)
+        p.set_defaults(func=func)
     return parser
 
 

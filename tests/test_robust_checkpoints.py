@@ -139,14 +139,18 @@ def test_the_command_line_reports_a_malformed_file_in_one_line(make, state_dict,
     assert MALFORMED[make] in err and "Traceback" not in err
 
 
-def test_a_pickle_with_a_payload_renamed_safetensors_is_never_unpickled(state_dict, tmp_path):
-    sentinel = tmp_path / "pwned"
-
+def _save_with_payload(state_dict: dict, path, sentinel) -> None:
+    """Pickle ``state_dict`` plus an object whose unpickling would create ``sentinel``."""
     class Payload:
         def __reduce__(self):
             return (os.system, (f"touch {sentinel}",))
 
-    torch.save({**state_dict, "payload": Payload()}, tmp_path / "w.safetensors")
+    torch.save({**state_dict, "payload": Payload()}, path)
+
+
+def test_a_pickle_with_a_payload_renamed_safetensors_is_never_unpickled(state_dict, tmp_path):
+    sentinel = tmp_path / "pwned"
+    _save_with_payload(state_dict, tmp_path / "w.safetensors", sentinel)
     with pytest.raises(CheckpointError, match="PyTorch pickle renamed to .safetensors"):
         clipscope.load(ARCH, pretrained=str(tmp_path / "w.safetensors"), device="cpu")
     assert not sentinel.exists()
@@ -154,12 +158,7 @@ def test_a_pickle_with_a_payload_renamed_safetensors_is_never_unpickled(state_di
 
 def test_a_pickle_with_a_payload_is_still_refused_as_unsafe(state_dict, tmp_path):
     sentinel = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {sentinel}",))
-
-    torch.save({**state_dict, "payload": Payload()}, tmp_path / "w.pt")
+    _save_with_payload(state_dict, tmp_path / "w.pt", sentinel)
     with pytest.raises(UnsafeCheckpointError, match=r"Refused to load .*w\.pt"):
         clipscope.load(ARCH, pretrained=str(tmp_path / "w.pt"), device="cpu")
     assert not sentinel.exists()

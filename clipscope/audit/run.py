@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..io import OutputError
+from ..io import check_writable, ensure_folder
 from .adapters import KEY, ROW, AuditData, load_data
 from .cache import embed_cached
 from .compare import CHANGE_COLUMNS, paired_changes
@@ -95,21 +94,6 @@ def _accuracy(predicted: np.ndarray, values: pd.Series, correct: dict[str, list[
     return y, valid
 
 
-def check_writable(folder: Path) -> None:
-    """Create ``folder`` if needed, then create and remove a probe file in it.
-
-    Raises :class:`~clipscope.io.OutputError` naming the folder and the cause (a parent that is a
-    file, a read-only file system, no permission, a full disk) so an audit fails before it encodes.
-    """
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".clipscope-write-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise OutputError(folder, exc) from exc
-
-
 def run_audit(spec_or_path: str | os.PathLike | AuditSpec | dict, *, out: str | os.PathLike | None = None,
               cache_dir: str | os.PathLike | None = None, models: Sequence[Any] | None = None,
               write: bool = True, progress: bool | None = None) -> AuditResult:
@@ -130,7 +114,7 @@ def run_audit(spec_or_path: str | os.PathLike | AuditSpec | dict, *, out: str | 
     out_dir = Path(expand_path(str(out) if out is not None else spec.output))
     cache = _cache_folder(cache_dir, spec, out_dir)
     for folder in ([out_dir] if write else []) + [cache]:
-        check_writable(folder)
+        check_writable(ensure_folder(folder))  # an audit creates its folders up front
     data = _load_data(spec)
     _check_label_columns(spec, data)
     model_list = list(models) if models is not None else list(spec.models)
