@@ -27,9 +27,6 @@ is the method whose maps separate an attacking word from the object, measured in
 """
 from __future__ import annotations
 
-import base64
-import html
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -37,6 +34,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from .io import figure_png
+from .pages import esc, png_uri
 from .validate import InvalidArgumentError, check_int, check_names, check_number
 
 if TYPE_CHECKING:
@@ -123,15 +122,9 @@ class Attribution:
         return fig
 
     def _repr_html_(self) -> str:
-        import matplotlib.pyplot as plt
-        fig = self.plot()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-        plt.close(fig)
-        png = base64.b64encode(buf.getvalue()).decode("ascii")
-        return (f'<img src="data:image/png;base64,{png}"/><p>{html.escape(self.method)} attribution of the '
-                f"{html.escape(self.objective)} of {html.escape(repr(self.target))} among "
-                f"{html.escape(', '.join(map(repr, self.texts)))}: score {self.score:.4g}</p>")
+        return (f'<img src="{png_uri(figure_png(self.plot(), dpi=90))}"/><p>{esc(self.method)} attribution of the '
+                f"{esc(self.objective)} of {esc(repr(self.target))} among "
+                f"{esc(', '.join(map(repr, self.texts)))}: score {self.score:.4g}</p>")
 
 
 # ---------------------------------------------------------------------------------------

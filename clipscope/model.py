@@ -89,12 +89,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return _PRECISIONS[precision]
 
 
-def _register_configs() -> None:
-    """Register clipscope's model configs with open_clip (once), for code that calls open_clip itself."""
-    from .backends.open_clip import register_configs
-    register_configs()
-
-
 # ---------------------------------------------------------------------------------------
 # Results
 

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 import clipscope
 import clipscope.cli
 from clipscope import CheckpointError, UnsafeCheckpointError
+from clipscope.backends.open_clip import register_configs
 
 ARCH = "clipscope-tiny-rn"
 transformers_available = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
@@ -27,7 +28,7 @@ transformers_available = pytest.mark.skipif(importlib.util.find_spec("transforme
 @pytest.fixture(scope="module")
 def state_dict() -> dict[str, torch.Tensor]:
     """The tensors of a randomly initialised tiny ResNet CLIP, as a checkpoint holds them."""
-    clipscope.model._register_configs()
+    register_configs()
     torch.manual_seed(0)
     return {k: v.contiguous() for k, v in open_clip.create_model(ARCH).state_dict().items()}
 

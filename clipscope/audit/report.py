@@ -5,7 +5,6 @@ in Markdown. Files are written atomically; the tables also go out as CSV next to
 """
 from __future__ import annotations
 
-import base64
 import html
 import json
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ..io import figure_png, write_text_atomic
-from ..pages import esc, page
+from ..pages import esc, page, png_uri
 
 _METHODS = (
     "Rates are the share of audited images in a group whose zero-shot prediction falls in a category "
@@ -84,10 +83,6 @@ def html_table(df: pd.DataFrame, max_rows: int = 200) -> str:
     if len(df) > max_rows:
         out += f"<p class='note'>{len(df) - max_rows} more rows in the CSV files.</p>"
     return out
-
-
-def _png(fig) -> str:
-    return base64.b64encode(figure_png(fig)).decode("ascii")
 
 
 def _rate_table(groups: pd.DataFrame) -> pd.DataFrame:
@@ -183,7 +178,7 @@ def render_html(result) -> str:
         elif kind == "table":
             parts.append(html_table(payload))
         elif kind == "figure":
-            parts.append(f"<img alt='{esc(title)}' src='data:image/png;base64,{_png(payload)}'>")
+            parts.append(f"<img alt='{esc(title)}' src='{png_uri(figure_png(payload))}'>")
         elif kind == "code":
             parts.append(f"<pre>{esc(payload)}</pre>")
     return page(f"clipscope audit: {result.spec.name}", "\n".join(parts), heading=False)
