@@ -268,6 +268,7 @@ class ClipModel:
         self.architecture = architecture or Architecture()
         self._hooked = HookedModel(model, towers)
         self._class_cache: dict[tuple, torch.Tensor] = {}
+        self._pixel_stats_cache: dict[tuple, torch.Tensor] = {}  # (dtype, device) -> (2, 3, 1, 1) mean, std
         self._embed_dim: int | None = None
 
     def __repr__(self) -> str:
@@ -345,8 +346,12 @@ class ClipModel:
             raise InvalidArgumentError(f"{name}.dtype", x.dtype, "a floating-point dtype (pixels in [0, 1])")
         if x.ndim not in (3, 4) or x.shape[-3] != 3:
             raise InvalidArgumentError(f"{name}.shape", tuple(x.shape), "(B, 3, H, W) or (3, H, W)")
-        stats = torch.tensor([self.image_mean, self.image_std], dtype=x.dtype, device=x.device)
-        return stats[0].view(3, 1, 1), stats[1].view(3, 1, 1)
+        key = (x.dtype, x.device)
+        if key not in self._pixel_stats_cache:  # built once per dtype and device, not at every optimization step
+            self._pixel_stats_cache[key] = torch.tensor([self.image_mean, self.image_std], dtype=x.dtype,
+                                                        device=x.device).view(2, 3, 1, 1)
+        stats = self._pixel_stats_cache[key]
+        return stats[0], stats[1]
 
     def resize_to_input(self, image: Any) -> Any:
         """A PIL ``image`` as the model sees it: :attr:`preprocess` (resize, crop) without the normalization.
