@@ -194,7 +194,7 @@ def _open_clip_model(arch: str, checkpoint: str | None, dev: torch.device, dtype
                     lambda b: model.encode_text(tokenizer(["a photo"] * b).to(dev)))]
     return LoadedModel(model, preprocess, tokenizer, name=display, pretrained=tag or checkpoint,
                        image_size=tuple(size), image_mean=pp["mean"], image_std=pp["std"], towers=towers,
-                       architecture=architecture(model), backend="open_clip", default_templates=default_templates)
+                       architecture=architecture(model, accept_short_text(model)), backend="open_clip", default_templates=default_templates)
 
 
 def accept_short_text(model: nn.Module) -> Callable[[torch.Tensor], int] | None:
@@ -232,9 +232,9 @@ def accept_short_text(model: nn.Module) -> Callable[[torch.Tensor], int] | None:
 # What the model's module tree means
 
 
-def architecture(model: nn.Module) -> "Architecture":
-    """Describe an open_clip ``CLIP`` / ``CustomTextCLIP``: blocks, pre-activations, tokens, attention (and
-    let its ``encode_text`` take cut token ids, :func:`accept_short_text`)."""
+def architecture(model: nn.Module, text_tokens_needed: Callable[[torch.Tensor], int] | None) -> "Architecture":
+    """Describe an open_clip ``CLIP`` / ``CustomTextCLIP``: blocks, pre-activations, tokens, attention;
+    ``text_tokens_needed`` is what :func:`accept_short_text` returned for it. Changes nothing in ``model``."""
     visual = model.visual
     text = getattr(model, "text", model)  # CLIP keeps its text tower's modules at the top level
     blocks = {"visual": (), "text": _transformer_blocks(text, "text")}
@@ -252,7 +252,7 @@ def architecture(model: nn.Module) -> "Architecture":
         prefix = int(visual.positional_embedding.shape[0]) - grid[0] * grid[1]
     return Architecture(blocks=blocks, pre_activations=pre, prefix_tokens=prefix, patch_grid=grid,
                         attention=attention, redirectable=relu_paths(model, "visual"),
-                        text_tokens_needed=accept_short_text(model))
+                        text_tokens_needed=text_tokens_needed)
 
 
 def _transformer_blocks(tower: nn.Module, site_prefix: str) -> tuple[str, ...]:
