@@ -415,12 +415,14 @@ class EmbeddedImages:
     """Image embeddings of a data set, with what had to be skipped.
 
     ``embeddings`` is a float32 CPU tensor ``(n_ok, dim)``; row ``i`` belongs to
-    the item ``keys[i]``. ``skipped`` lists ``(key, reason)`` for unreadable items.
+    the item ``keys[i]``, at position ``positions[i]`` in the source (in a folder: in its sorted
+    file list). ``skipped`` lists ``(key, reason)`` for unreadable items.
     """
 
     embeddings: torch.Tensor
     keys: list[Any]
     skipped: list[tuple[Any, str]] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
 
     @property
     def n_skipped(self) -> int:

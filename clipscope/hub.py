@@ -270,9 +270,9 @@ def _folder_problem(folder: Path) -> Exception | None:
     config = folder / "open_clip_config.json"
     if config.is_file():
         try:
-            ok = "model_cfg" in json.loads(config.read_text(encoding="utf-8"))
-        except (ValueError, TypeError) as exc:
-            return CheckpointError(f"Cannot load {str(config)!r}: not valid JSON ({describe_error(exc)}).")
+            ok = "model_cfg" in read_json_object(config)
+        except CheckpointError as exc:
+            return exc
         if not ok:
             return CheckpointError(f"Cannot load {str(config)!r}: it has no 'model_cfg' entry.")
     weights = sorted(p for p in folder.iterdir() if p.suffix in WEIGHTS_SUFFIXES and p.is_file())
@@ -284,6 +284,23 @@ def _folder_problem(folder: Path) -> Exception | None:
         if problem is not None:
             return problem
     return None
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """Return the JSON object in the file ``path`` (a model's config file) as a dict.
+
+    Raises :class:`CheckpointError` naming the file when it cannot be read, is not valid JSON, or holds
+    another JSON value than an object.
+    """
+    try:
+        content = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CheckpointError(f"Cannot load {str(path)!r}: cannot read it ({describe_error(exc)}).") from None
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, or nested too deeply to parse
+        raise CheckpointError(f"Cannot load {str(path)!r}: not valid JSON ({describe_error(exc)}).") from None
+    if not isinstance(content, dict):
+        raise CheckpointError(f"Cannot load {str(path)!r}: it does not hold a JSON object.")
+    return content
 
 
 def _file_problem(path: Path) -> str | None:

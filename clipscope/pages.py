@@ -4,7 +4,8 @@ The neuron atlas, the typographic attack report, the demo index and the audit re
 built as ``page(title, body)``: one document shell with the same style sheet (:data:`CSS`), an
 escaped title and a footer naming the clipscope version. The body is HTML the caller assembles;
 every user-provided string in it goes through :func:`esc`. Images are embedded as ``data:`` URIs
-(:func:`image_uri`, :func:`png_uri`), so each page is a single self-contained file.
+(:func:`image_uri`, :func:`png_uri`), so each page is a single self-contained file; widgets take the
+encoded bytes themselves (:func:`image_bytes`).
 
 :func:`image_grid` tiles images into one picture (feature visualizations of a render, the dataset
 examples of a unit in the explorer); :func:`fit_square` is the resize every tile and thumbnail uses.
@@ -21,7 +22,7 @@ from PIL import Image
 
 from .validate import check_choice, check_int
 
-__all__ = ["CSS", "esc", "fit_square", "image_grid", "image_uri", "page", "png_uri"]
+__all__ = ["CSS", "esc", "fit_square", "image_bytes", "image_grid", "image_uri", "page", "png_uri"]
 
 #: The style sheet of every report page.
 CSS = """
@@ -67,14 +68,21 @@ def png_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def image_uri(image: Image.Image, size: int | None = None, fmt: str = "PNG") -> str:
-    """A ``data:`` URI of ``image`` as RGB, resized to ``size`` pixels square (:func:`fit_square`) when
-    given; ``fmt`` is ``"PNG"`` (lossless) or ``"JPEG"`` (quality 85, for photos)."""
+def image_bytes(image: Image.Image, size: int | None = None, fmt: str = "PNG") -> bytes:
+    """The encoded file bytes of ``image`` as RGB, resized to ``size`` pixels square (:func:`fit_square`)
+    when given; ``fmt`` is ``"PNG"`` (lossless) or ``"JPEG"`` (quality 85, for photos)."""
     fmt = check_choice("fmt", fmt, ("PNG", "JPEG"))
     image = fit_square(image, size) if size is not None else image.convert("RGB")
     buf = io.BytesIO()
     image.save(buf, format=fmt, **({"quality": 85} if fmt == "JPEG" else {}))
-    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
+
+
+def image_uri(image: Image.Image, size: int | None = None, fmt: str = "PNG") -> str:
+    """A ``data:`` URI of :func:`image_bytes` (``image`` as RGB, resized to ``size`` pixels square when
+    given; ``fmt`` ``"PNG"`` or ``"JPEG"``)."""
+    fmt = check_choice("fmt", fmt, ("PNG", "JPEG"))
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(image_bytes(image, size, fmt)).decode("ascii")
 
 
 def fit_square(image: Image.Image, size: int) -> Image.Image:

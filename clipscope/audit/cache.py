@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..io import ensure_folder, write_bytes_atomic, write_text_atomic
+from ..progress import manual_bar
 from .adapters import AuditData
 
 CACHE_VERSION = 1
@@ -67,7 +68,6 @@ def embed_cached(model, data: AuditData, cache_dir: str | Path, *, chunk_size: i
     Only missing chunks are encoded; each is written atomically before the next starts.
     """
     from safetensors.torch import save as st_save
-    from tqdm.auto import tqdm
 
     folder = Path(cache_dir) / cache_key(model.id, data.fingerprint, chunk_size)
     ensure_folder(folder)
@@ -83,9 +83,7 @@ def embed_cached(model, data: AuditData, cache_dir: str | Path, *, chunk_size: i
     embs, rows, unreadable = [], [], []
     stats = {"images_encoded": 0, "chunks_computed": 0, "chunks_reused": 0, "encode_seconds": 0.0,
              "cache_folder": str(folder)}
-    show = (n > chunk_size) if progress is None else progress
-    bar = tqdm(total=n, desc="audit: encode images", leave=False, disable=not show)
-    try:
+    with manual_bar(progress, n > chunk_size, "audit: encode images", total=n) as bar:
         for c in range(n_chunks):
             start, stop = c * chunk_size, min(n, (c + 1) * chunk_size)
             path = _chunk_path(folder, c)
@@ -112,8 +110,6 @@ def embed_cached(model, data: AuditData, cache_dir: str | Path, *, chunk_size: i
             rows.append(idx[ok])
             unreadable += [(int(start + k), r) for k, r in sorted(reasons.items())]
             bar.update(stop - start)
-    finally:
-        bar.close()
     dim = embs[0].shape[1] if embs and embs[0].ndim == 2 and embs[0].shape[0] else model.embed_dim
     embeddings = torch.cat([e.reshape(-1, dim) for e in embs]) if embs else torch.empty(0, dim)
     return CachedEmbeddings(embeddings, np.concatenate(rows) if rows else np.zeros(0, int), unreadable, folder, stats)

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from ..io import check_writable, ensure_folder
+from ..progress import progress_bar
 from .adapters import KEY, ROW, AuditData, load_data
 from .cache import embed_cached
 from .compare import CHANGE_COLUMNS, paired_changes
@@ -197,10 +198,9 @@ def _classify(model, spec: AuditSpec, embeddings: torch.Tensor, part: _ModelAudi
     Fills ``part``'s prediction columns, class shares and label issues; returns every taxonomy's
     outcomes in one frame and the seconds spent per taxonomy.
     """
-    from tqdm.auto import tqdm
     parts, timings = [], {}
-    show = progress if progress is not None else len(spec.taxonomies) > 2
-    for tax in tqdm(spec.taxonomies, desc="audit: taxonomies", leave=False, disable=not show):
+    for tax in progress_bar(spec.taxonomies, progress, len(spec.taxonomies) > 2, "audit: taxonomies",
+                            total=len(spec.taxonomies)):
         t1 = time.perf_counter()
         head = model.classifier(tax.classes, tax.templates)
         with torch.no_grad():

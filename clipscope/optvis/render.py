@@ -14,6 +14,7 @@ import torch
 from ..hooks import Unit
 from ..io import write_bytes_atomic
 from ..pages import image_grid, image_uri
+from ..progress import manual_bar
 from ..validate import InvalidArgumentError, check_choice, check_int, check_number
 from .facets import second_order_forward
 from .objectives import Context, Objective, batched, unit, unit_label
@@ -292,11 +293,9 @@ def _optimize(model, objective: Objective, moved: dict[str, str], image_param: I
     targets = list(dict.fromkeys(moved.get(site, site) for site in objective.sites))
     optimizer = torch.optim.Adam(image_param.parameters(), lr=image_param.lr if lr is None else lr)
     generator = torch.Generator().manual_seed(seed)
-    from tqdm.auto import tqdm
-    bar = tqdm(range(steps), desc="render", disable=not progress, leave=False)
     trace = []
-    with torch.enable_grad():
-        for step in bar:
+    with torch.enable_grad(), manual_bar(progress, True, "render", total=steps) as bar:
+        for step in range(steps):
             optimizer.zero_grad(set_to_none=True)
             image = image_param()
             x = speed.input(pipeline(image, generator=generator))
@@ -310,6 +309,7 @@ def _optimize(model, objective: Objective, moved: dict[str, str], image_param: I
             trace.append(values.detach())
             if callback is not None:
                 callback(step, trace[-1])
+            bar.update(1)
             if progress and (step % 16 == 0 or step == steps - 1):
                 bar.set_postfix(objective=f"{values.detach().mean().item():.3g}")
     return torch.stack(trace).float().cpu()

@@ -23,6 +23,7 @@ import torch
 
 from ..data import batched, default_workers, ordered_map, prefetch, source_length
 from ..model import ZeroShotClassifier
+from ..progress import ManualBar, manual_bar, progress_bar
 from ..validate import InvalidArgumentError, check_int, check_names, check_same_length
 from .attack import Attack, AttackedImage, attack_job, readable_jobs
 from .defences import Defence
@@ -176,13 +177,22 @@ class CleanScores:
 
 @dataclass
 class _Scorer:
-    """A defence's zero-shot head, scoring images and mapping the scores back onto the original classes."""
+    """A defence's zero-shot head, scoring images and mapping the scores back onto the original classes.
+
+    ``class_map[j]`` is the original class that the head's class ``j`` scores for (``None``: none);
+    ``columns`` holds, for the head's classes that score for one, ``(j, index of that class in classes)``.
+    """
 
     model: Any
     defence: Defence
     classes: list[str]
     class_map: list[str | None]
     head: ZeroShotClassifier
+    columns: list[tuple[int, int]] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.columns = [(j, index[original]) for j, original in enumerate(self.class_map) if original is not None]
 
     @classmethod
     def make(cls, model, defence: Defence, classes: list[str], templates) -> "_Scorer":
@@ -199,11 +209,9 @@ class _Scorer:
         x = torch.stack([im if isinstance(im, torch.Tensor) else self.prepare(im) for im in images])
         with torch.no_grad():
             probs = self.head.probs(self.model.encode_image(x)).cpu()
-        index = {c: i for i, c in enumerate(self.classes)}
         merged = torch.zeros(len(images), len(self.classes))
-        for j, original in enumerate(self.class_map):
-            if original is not None:
-                merged[:, index[original]] += probs[:, j]
+        for j, i in self.columns:
+            merged[:, i] += probs[:, j]
         names = [self.class_map[t] if self.class_map[t] is not None else TEXT for t in probs.argmax(dim=1).tolist()]
         return merged, names
 
@@ -223,10 +231,9 @@ class _Scorer:
                                            "same model, classes, templates and defence)")
 
 
-def _bar(total: int | None, batch_size: int, progress: bool | None, desc: str):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, leave=False,
-                disable=not (progress if progress is not None else (total or 0) > batch_size))
+def _bar(total: int | None, batch_size: int, progress: bool | None, desc: str) -> ManualBar:
+    """The bar of one pass over ``total`` images; by default shown when they fill more than one batch."""
+    return manual_bar(progress, (total or 0) > batch_size, desc, total=total)
 
 
 def clean_scores(model, images: Any, classes: Sequence[str], *, defence: Defence | None = None,
@@ -483,8 +490,7 @@ def sweep(model, images: Any, labels: Sequence[str | None], classes: Sequence[st
                          progress=False)
     rows, results = [], []
     combos = list(itertools.product(*vary.values()))
-    from tqdm.auto import tqdm
-    for combo in tqdm(combos, desc="sweep", leave=False, disable=not (progress if progress is not None else True)):
+    for combo in progress_bar(combos, progress, True, "sweep", total=len(combos)):
         values = dict(zip(params, combo))
         result = evaluate(model, images, labels, classes, _vary(attack, classes, **dict(values)), defence=defence,
                           templates=templates, batch_size=batch_size, seed=seed, progress=False, n_examples=2,

@@ -11,25 +11,17 @@ the ones :meth:`~clipscope.neurons.Atlas.save_html` exports, and vice versa.
 from __future__ import annotations
 
 import html
-import io
 from collections.abc import Sequence
 
 import ipywidgets as widgets
 from PIL import Image
 
 from ..neurons.atlas import Atlas, UnitView, bars_html
-from ..pages import fit_square, image_grid
+from ..pages import BLANK, image_bytes, image_grid
 
 __all__ = ["NeuronExplorer"]
 
 _PLACEHOLDER_SIZE = 128
-
-
-def _png(image: Image.Image, size: int | None = None) -> bytes:
-    """PNG bytes of ``image``, resized to ``size`` pixels square when given."""
-    buf = io.BytesIO()
-    (fit_square(image, size) if size is not None else image.convert("RGB")).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class _UnitPanel(widgets.VBox):
@@ -39,8 +31,9 @@ class _UnitPanel(widgets.VBox):
         self.vis_size, self.tile = vis_size, tile
         self.title = widgets.HTML()
         self.title.add_class("clipscope-title" + suffix)
-        blank = Image.new("RGB", (vis_size, vis_size), (238, 238, 238))
-        self.visualization = widgets.Image(value=_png(blank, vis_size), format="png", width=vis_size, height=vis_size)
+        blank = Image.new("RGB", (vis_size, vis_size), BLANK)
+        self.visualization = widgets.Image(value=image_bytes(blank, vis_size), format="png", width=vis_size,
+                                           height=vis_size)
         self.visualization.add_class("clipscope-visualization" + suffix)
         self.vis_note = widgets.HTML()
         self.vis_note.add_class("clipscope-vis-note" + suffix)
@@ -64,11 +57,11 @@ class _UnitPanel(widgets.VBox):
         self.title.value = (f"<h4 style='margin:4px 0'>{html.escape(view.site)} · unit {view.unit} · "
                             f"<i>{html.escape(view.label)}</i></h4>")
         if view.visualization is not None:
-            self.visualization.value = _png(view.visualization, self.vis_size)
+            self.visualization.value = image_bytes(view.visualization, self.vis_size)
             self.vis_note.value = ""
         else:
-            blank = Image.new("RGB", (self.vis_size, self.vis_size), (238, 238, 238))
-            self.visualization.value = _png(blank, self.vis_size)
+            blank = Image.new("RGB", (self.vis_size, self.vis_size), BLANK)
+            self.visualization.value = image_bytes(blank, self.vis_size)
             self.vis_note.value = "<small>not rendered yet: press <i>render</i></small>"
         self.examples.value = self._strip_png(view)
         self.words.value = bars_html(view.words, "#4a7fc1")
@@ -78,7 +71,7 @@ class _UnitPanel(widgets.VBox):
                             + f"<small>{html.escape(view.label_method)} over {n_images} images</small>")
 
     def _strip_png(self, view: UnitView) -> bytes:
-        return _png(image_grid(view.example_images, columns=4, tile=self.tile))
+        return image_bytes(image_grid(view.example_images, columns=4, tile=self.tile))
 
 
 class NeuronExplorer(widgets.VBox):
