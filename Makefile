@@ -83,6 +83,9 @@ bench: install
 	$(PY) bench/image_loading.py
 	$(PY) bench/attribution_cost.py
 	$(PY) bench/text_encoding.py
+	$(PY) bench/site_discovery.py
+	$(PY) bench/load_memory.py
+	$(PY) bench/head_capture.py
 
 clean:
 	rm -rf $(VENV) clipscope-demo .pytest_cache test-artifacts

@@ -16,7 +16,7 @@ from .model import ClipModel, Layers, ZeroShotClassifier, ZeroShotResult, load, 
 __version__ = "0.1.0"  # the one source of the version: pyproject.toml reads it (setuptools dynamic)
 
 #: Submodules imported on first access as ``clipscope.NAME`` (module ``__getattr__``, PEP 562).
-SUBMODULES = ("attribution", "audit", "io", "neurons", "optvis", "organism", "probe", "prompts", "scoring",
+SUBMODULES = ("attribution", "audit", "decompose", "io", "neurons", "optvis", "organism", "probe", "prompts", "scoring",
               "typographic", "validate", "widgets")
 
 

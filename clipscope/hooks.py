@@ -14,7 +14,24 @@ the module produced:
 - ``"conv"``: ``(B, C, H, W)`` (ResNet feature maps);
 - ``"tokens"``: ``(B, L, D)`` (transformer residual streams; models that run
   their transformer sequence-first are transposed here, once);
-- ``"vector"``: ``(B, D)`` (pooled embeddings, projections).
+- ``"vector"``: ``(B, D)`` (pooled embeddings, projections);
+- ``"heads"``: ``(B, L, heads, F)`` (per-head values of a transformer block's attention);
+- ``"pattern"``: ``(B, heads, queries, keys)`` (attention weights after the softmax).
+
+Transformer blocks whose backend declares their attention heads (:class:`AttentionHeads`) also have
+*head-level sites*, for an attention site ``A`` of a block ``B``:
+
+- ``A.pattern``: the attention weights after the softmax, ``(heads, queries, keys)`` per example;
+- ``A.v``: each head's values, ``(L, heads, d_head)``;
+- ``A.z``: each head's value-weighted sum before the output projection, ``(L, heads, d_head)``;
+- ``A.result``: each head's contribution to the residual stream after the output projection, without
+  its bias, ``(L, heads, D)``: ``A.result.sum(heads) + bias`` is the attention output;
+- ``B.resid_pre``, ``B.resid_mid`` (after the attention is added, before the MLP) and
+  ``B.resid_post`` (the block's output): the residual stream, ``(L, D)``.
+
+The fused attention kernel computes none of the per-head tensors, so while a head-level site is
+captured or ablated its attention module runs the backend's explicit computation instead (the same
+values to float rounding); at all other times the model runs unchanged, at no extra cost.
 
 A :class:`Unit` names a site plus an index into it, and reads or ablates itself
 the same way for every layout, so objectives and dataset-example mining need no
@@ -23,6 +40,8 @@ per-architecture code.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -32,7 +51,10 @@ from torch import nn
 
 from .validate import InvalidArgumentError, check_int, check_number, check_vector
 
-Layout = Literal["conv", "tokens", "vector"]
+Layout = Literal["conv", "tokens", "vector", "heads", "pattern"]
+
+#: The per-head tensors of an explicit attention computation, in the order it produces them.
+HEAD_POINTS = ("v", "pattern", "z", "result")
 
 
 @dataclass(frozen=True)
@@ -40,15 +62,17 @@ class Site:
     """One hookable place in a model.
 
     ``shape`` is the per-example activation shape in the canonical layout
-    (``(C, H, W)``, ``(L, D)`` or ``(D,)``). ``point`` is ``"output"`` for a
-    module's output or ``"input"`` for its first input (``.pre`` sites).
+    (``(C, H, W)``, ``(L, D)``, ``(D,)``, ``(L, heads, F)`` or ``(heads, queries, keys)``).
+    ``point`` is ``"output"`` for a module's output, ``"input"`` for its first input (``.pre``
+    sites, ``resid_pre``, ``resid_mid``), or one of :data:`HEAD_POINTS` for a per-head tensor of the
+    explicit attention computation of the attention module ``module``.
     ``seq_first`` records that the module itself emits ``(L, B, D)``.
     """
 
     name: str
     module: str
     tower: Literal["visual", "text"]
-    point: Literal["output", "input"]
+    point: Literal["output", "input", "v", "pattern", "z", "result"]
     layout: Layout
     shape: tuple[int, ...]
     module_type: str
@@ -56,8 +80,20 @@ class Site:
 
     @property
     def n_units(self) -> int:
-        """Number of channels (``conv``) or features (``tokens``/``vector``)."""
+        """Number of channels (``conv``), features (``tokens``/``vector``; per head for ``heads``) or
+        keys (``pattern``)."""
         return self.shape[0] if self.layout == "conv" else self.shape[-1]
+
+    @property
+    def n_heads(self) -> int:
+        """Number of attention heads of a head-level site (``heads``, ``pattern``); 0 for other sites."""
+        return self.shape[1] if self.layout == "heads" else self.shape[0] if self.layout == "pattern" else 0
+
+    @property
+    def n_tokens(self) -> int:
+        """Token positions of a token-like site (``tokens``, ``heads``; the queries of a ``pattern``); 0 otherwise."""
+        return self.shape[0] if self.layout in ("tokens", "heads") else self.shape[1] if self.layout == "pattern" \
+            else 0
 
     def canonical(self, raw: torch.Tensor) -> torch.Tensor:
         """Return ``raw`` (as the module emitted it) as a batch-first view."""
@@ -68,13 +104,17 @@ class Site:
 class Unit:
     """A site plus an index: what objectives read, mining ranks and ablation zeroes.
 
-    - ``index``: channel (``conv``) or feature/neuron (``tokens``, ``vector``).
-    - ``token``: token position (``tokens`` only). ``None`` means all tokens.
+    - ``index``: channel (``conv``), feature/neuron (``tokens``, ``vector``; the head's own features
+      on a ``heads`` site) or key position (``pattern``).
+    - ``token``: token position (``tokens``, ``heads``; the query position on ``pattern``). ``None``
+      means all tokens.
     - ``position``: ``(y, x)`` spatial position (``conv`` only). ``None`` means all positions.
     - ``direction``: a vector over the channels/features, used instead of ``index``.
+    - ``head_index``: the attention head on a head-level site (``heads``, ``pattern``), which needs one.
 
     Build units with the class methods :meth:`channel`, :meth:`neuron`,
-    :meth:`token_at` and :meth:`along`.
+    :meth:`token_at`, :meth:`along` and :meth:`head`. A head unit reads like a token unit on its head's
+    own ``(L, F)`` slice (a ``pattern`` site's ``(queries, keys)``).
     """
 
     site: str
@@ -82,6 +122,7 @@ class Unit:
     token: int | None = None
     position: tuple[int, int] | None = None
     direction: torch.Tensor | None = None
+    head_index: int | None = None
 
     def __post_init__(self):
         """Check the types once, at construction: ranges depend on the site and are checked by :meth:`check`."""
@@ -93,6 +134,8 @@ class Unit:
             object.__setattr__(self, "token", check_int("token", self.token))
         if self.position is not None:
             object.__setattr__(self, "position", _check_position(self.position))
+        if self.head_index is not None:
+            object.__setattr__(self, "head_index", check_int("head", self.head_index))
         if self.direction is not None:
             if self.index is not None:
                 raise InvalidArgumentError("direction", "<vector>", "give an index or a direction, not both")
@@ -119,8 +162,21 @@ class Unit:
         """A direction vector in a site's channel/feature space."""
         return cls(site, direction=direction, token=token, position=position)
 
+    @classmethod
+    def head(cls, site: str, head: int, token: int | None = None, index: int | None = None) -> "Unit":
+        """Attention head ``head`` of a head-level site (``A.result``, ``A.z``, ``A.v``, ``A.pattern``).
+
+        Without ``index`` the unit is the head's whole vector at each token (its ``d_head`` values on
+        ``A.z``/``A.v``, its write to the residual stream on ``A.result``, its attention row on
+        ``A.pattern``): :meth:`read` gives its L2 norm at ``token``, or the mean of the norms over all
+        tokens; ablation sets the whole vector. ``index`` picks one feature (a key on ``A.pattern``).
+        """
+        return cls(site, index=index, token=token, head_index=head)
+
     def __repr__(self) -> str:
         parts = [repr(self.site)]
+        if self.head_index is not None:
+            parts.append(f"head={self.head_index}")
         if self.index is not None:
             parts.append(f"index={self.index}")
         if self.direction is not None:
@@ -135,8 +191,9 @@ class Unit:
     def check(self, site: Site) -> None:
         """Raise :class:`~clipscope.validate.InvalidArgumentError` naming the field and its valid range
         if the unit does not fit ``site``."""
-        kind = "channels" if site.layout == "conv" else "features"
+        kind = "channels" if site.layout == "conv" else "keys" if site.layout == "pattern" else "features"
         n = site.n_units
+        self._check_head(site)
         if self.index is not None and not 0 <= self.index < n:
             raise InvalidArgumentError("index", self.index, f"out of range for {site.name!r} with {n} {kind} "
                                                             f"(valid: 0..{n - 1})")
@@ -145,10 +202,10 @@ class Unit:
                                        f"direction has {self.direction.numel()} entries but {site.name!r} has "
                                        f"{n} {kind}; give one entry per {kind[:-1]}")
         if self.token is not None:
-            if site.layout != "tokens":
+            if site.layout not in ("tokens", "heads", "pattern"):
                 raise InvalidArgumentError("token", self.token, f"token= needs a tokens site; {site.name!r} has "
                                                                 f"layout {site.layout!r}")
-            length = site.shape[0]
+            length = site.n_tokens
             if not -length <= self.token < length:
                 raise InvalidArgumentError("token", self.token, f"out of range for {site.name!r} with {length} "
                                                                 f"tokens (valid: {-length}..{length - 1})")
@@ -161,11 +218,37 @@ class Unit:
             if not (0 <= y < h and 0 <= x < w):
                 raise InvalidArgumentError("position", self.position, f"outside {site.name!r}'s {h}x{w} grid "
                                                                       f"(valid: (0..{h - 1}, 0..{w - 1}))")
-        if self.index is None and self.direction is None and self.token is None and self.position is None:
+        if self.index is None and self.direction is None and self.token is None and self.position is None \
+                and self.head_index is None:
             raise InvalidArgumentError("unit", self, "a unit that selects something: give index, direction, "
                                                      "token or position (this one selects nothing)")
 
+    def _check_head(self, site: Site) -> None:
+        """A head-level site needs ``head_index`` in range; every other site takes none."""
+        heads = site.n_heads
+        if heads and self.head_index is None:
+            raise InvalidArgumentError("head", None, f"{site.name!r} is a head-level site with {heads} heads: "
+                                                     f"address it with Unit.head(site, head) (valid heads: "
+                                                     f"0..{heads - 1})")
+        if heads and not 0 <= self.head_index < heads:
+            raise InvalidArgumentError("head", self.head_index, f"out of range for {site.name!r} with {heads} "
+                                                                f"heads (valid: 0..{heads - 1})")
+        if not heads and self.head_index is not None:
+            raise InvalidArgumentError("head", self.head_index, f"head= needs a head-level site (layout 'heads' "
+                                                                f"or 'pattern': an attention site's .pattern, .v, "
+                                                                f".z or .result); {site.name!r} has layout "
+                                                                f"{site.layout!r}")
+
     # -- reading ------------------------------------------------------------------
+    def _on_head(self, acts: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, Layout]:
+        """``acts`` narrowed to this unit's head, as a ``tokens`` view ``(B, L, F)`` (a pattern's
+        ``(B, queries, keys)``); other layouts unchanged. Writes to the view reach ``acts``."""
+        if layout == "heads":
+            return acts[:, :, self.head_index], "tokens"
+        if layout == "pattern":
+            return acts[:, self.head_index], "tokens"
+        return acts, layout
+
     def _selector(self, layout: Layout) -> list[Any]:
         """Index into the feature-last view that picks this unit's token/position."""
         where: list[Any] = [slice(None)] * (4 if layout == "conv" else 3 if layout == "tokens" else 2)
@@ -176,11 +259,13 @@ class Unit:
         return where
 
     def activation_map(self, acts: torch.Tensor, layout: Layout) -> torch.Tensor:
-        """Return this unit's value at every position: ``(B, H, W)`` for conv, ``(B, L)`` for tokens, ``(B,)`` for vectors.
+        """Return this unit's value at every position: ``(B, H, W)`` for conv, ``(B, L)`` for tokens and
+        head units (queries for a pattern), ``(B,)`` for vectors.
 
         ``token`` and ``position`` are ignored here (the map covers all of them).
-        A whole-token or whole-position unit (no index, no direction) reads as the L2 norm.
+        A whole-token, whole-position or whole-head unit (no index, no direction) reads as the L2 norm.
         """
+        acts, layout = self._on_head(acts, layout)
         view = feature_last(acts, layout)
         if self.index is not None:
             return view[..., self.index]
@@ -188,18 +273,34 @@ class Unit:
             return view @ self.direction.to(view.device, view.dtype)
         return view.norm(dim=-1)
 
-    def read(self, acts: torch.Tensor, layout: Layout) -> torch.Tensor:
+    def read(self, acts: torch.Tensor, layout: Layout, *, pool: TokenPool = "all", prefix: int = 0) -> torch.Tensor:
         """Return one value per example, shape ``(B,)``, in the site's own units.
 
-        At a given ``token``/``position`` the value there; otherwise the mean over
-        all tokens or spatial positions.
+        At a given ``token``/``position`` the value there; otherwise the mean over all spatial
+        positions, and over tokens (a head unit's tokens, or a pattern's queries) as ``pool`` says
+        (:func:`pool_tokens`; ``prefix`` is the number of tokens before the patch tokens).
         """
         values = self.activation_map(acts, layout)
         if self.position is not None:
             return values[:, self.position[0], self.position[1]]
         if self.token is not None:
             return values[:, self.token]
+        if values.ndim == 2 and layout != "conv":
+            return pool_tokens(values, pool, prefix)
         return values.flatten(1).mean(dim=1) if values.ndim > 1 else values
+
+    def value_in(self, source: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """This unit's value in ``source`` (canonical layout), in the form :meth:`ablate_` takes to set it
+        back: the selected region (for a direction: the component along the normalized direction)."""
+        acts, layout = self._on_head(source, layout)
+        view = feature_last(acts, layout)
+        where = self._selector(layout)
+        if self.direction is not None:
+            d = self.direction.to(view.device, view.dtype)
+            return view[tuple(where)] @ (d / d.norm())
+        if self.index is not None:
+            where[-1] = self.index
+        return view[tuple(where)]
 
     # -- ablation -----------------------------------------------------------------
     def ablate_(self, acts: torch.Tensor, layout: Layout, value: float | torch.Tensor = 0.0) -> None:
@@ -208,6 +309,7 @@ class Unit:
         For a direction, the component along the (normalized) direction is set to
         ``value``; everything orthogonal to it is kept.
         """
+        acts, layout = self._on_head(acts, layout)
         view = feature_last(acts, layout)
         where = self._selector(layout)
         if self.direction is not None:
@@ -232,9 +334,35 @@ def _check_position(position: Any) -> tuple[int, int]:
         raise InvalidArgumentError("position", position, "a (y, x) pair of integers") from None
 
 
-def unit_means(acts: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """Every unit's value per example, ``(B, n_units)``: the mean over positions/tokens (vectors as they are)."""
+#: How a ``tokens`` site is read as one number per image when no token is named: the mean over the
+#: patch tokens (the analogue of a conv channel's mean over positions), the class token alone (what
+#: CLIP-Dissect reads and the image embedding pools), or the mean over every token.
+TOKEN_POOLS: tuple[str, ...] = ("patches", "class", "all")
+TokenPool = Literal["patches", "class", "all"]
+
+
+def pool_tokens(values: torch.Tensor, pool: TokenPool, prefix: int) -> torch.Tensor:
+    """Reduce ``values`` ``(B, L, ...)`` over its token axis as ``pool`` says (see :data:`TOKEN_POOLS`); the
+    first ``prefix`` tokens come before the patch tokens (class token, registers). Returns ``(B, ...)``."""
+    if pool == "class":
+        return values[:, 0]
+    if pool == "patches":
+        return values[:, prefix:].mean(dim=1)
+    return values.mean(dim=1)
+
+
+def unit_means(acts: torch.Tensor, layout: Layout, *, pool: TokenPool = "all", prefix: int = 0) -> torch.Tensor:
+    """Every unit's value per example, ``(B, n_units)``: the mean over positions, tokens pooled as ``pool``
+    says (:func:`pool_tokens`), vectors as they are.
+
+    Head-level layouts have no such table (a feature index means nothing without a head): they raise
+    :class:`~clipscope.validate.InvalidArgumentError`; read them per head with :meth:`Unit.head`."""
+    if layout in ("heads", "pattern"):
+        raise InvalidArgumentError("layout", layout, "'conv', 'tokens' or 'vector': a head-level site's units are "
+                                                     "read per head (Unit.head)")
     view = feature_last(acts, layout)
+    if layout == "tokens":
+        return pool_tokens(view, pool, prefix)
     return view if view.ndim == 2 else view.flatten(1, -2).mean(dim=1)
 
 
@@ -261,7 +389,10 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
 
 
 def _classify(shape: tuple[int, ...], batch: int) -> tuple[Layout, tuple[int, ...], bool] | None:
-    """Return (layout, per-example canonical shape, seq_first) for a raw activation shape."""
+    """Return (layout, per-example canonical shape, seq_first) for a raw activation shape.
+
+    Only modules' outputs and inputs come here; head-level sites (a 4-D attention pattern is not a
+    conv map) are derived from the attention sites by :func:`with_head_sites`."""
     if len(shape) == 4 and shape[0] == batch:
         return "conv", tuple(shape[1:]), False
     if len(shape) == 3 and shape[0] == batch:
@@ -305,8 +436,28 @@ def _shape_recorder(found: dict, name: str, site_name: str, module: nn.Module, p
     return pre_hook
 
 
-def discover_sites(root: nn.Module, towers: Sequence[Tower]) -> dict[str, Site]:
-    """Find every site by running each tower once on a dummy batch, recording output shapes."""
+def _run_for_shapes(tower: Tower, batch: int, found: dict, fake_tensors: bool) -> None:
+    """Run ``tower`` on a dummy batch for its shapes only: on fake tensors (shapes and dtypes, no data, no
+    arithmetic), or for real where a fake run cannot go (a model that reads a tensor's values)."""
+    if fake_tensors:
+        from torch._subclasses.fake_tensor import FakeTensorMode  # torch's shape propagation (as in torch.export)
+        try:
+            with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+                tower.run(batch)
+            return
+        except Exception:  # any op without a fake implementation, or a value read from data
+            found.clear()
+    with torch.no_grad():
+        tower.run(batch)
+
+
+def discover_sites(root: nn.Module, towers: Sequence[Tower], *, fake_tensors: bool = True) -> dict[str, Site]:
+    """Find every site by running each tower once on a dummy batch, recording output shapes.
+
+    With ``fake_tensors`` (the default) the run propagates shapes only, on torch's fake tensors: no
+    arithmetic, so discovery on a large model costs a fraction of a forward pass (``bench/site_discovery.py``);
+    a tower that cannot run on fake tensors is run for real. ``fake_tensors=False`` always runs for real.
+    Returns ``{site name: Site}`` in forward order."""
     batch = 3  # differs from every token count a CLIP tower produces (1 + g*g, context length)
     named = [(n, m) for n, m in root.named_modules() if n]
     claimed: set[str] = set()
@@ -326,8 +477,7 @@ def discover_sites(root: nn.Module, towers: Sequence[Tower]) -> dict[str, Site]:
                 handles.append(module.register_forward_pre_hook(
                     _shape_recorder(found, name, site_name + ".pre", module, point="input")))
         try:
-            with torch.no_grad():
-                tower.run(batch)
+            _run_for_shapes(tower, batch, found, fake_tensors)
         finally:
             for h in handles:
                 h.remove()
@@ -341,6 +491,96 @@ def discover_sites(root: nn.Module, towers: Sequence[Tower]) -> dict[str, Site]:
             sites[site_name] = Site(site_name, mod_name, tower.name, point, layout, per_example,
                                     type(module).__name__, seq_first)
     return sites
+
+
+# ----------------------------------------------------------------------------------
+# Head-level sites
+
+
+@dataclass(frozen=True)
+class AttentionHeads:
+    """A backend's declaration of one transformer block's attention heads: what the hooks layer needs.
+
+    - ``site``: the attention site (its module returns the attention output, bias included);
+    - ``block``: the transformer block site it belongs to (input ``resid_pre``, output ``resid_post``);
+    - ``mid``: the site whose input is the residual stream after the attention and before the MLP
+      (the block's second LayerNorm): ``resid_mid``;
+    - ``heads``: the number of heads;
+    - ``forward``: the family's explicit computation, called as ``forward(module, points, *args,
+      **kwargs)`` in place of the module's own forward while a head-level site is in use; it passes its
+      per-head tensors through ``points`` (:class:`HeadPoints`) and returns what the module returns;
+    - ``projection``: ``projection(module) -> (W, b)``, the output projection split by head: ``W`` of
+      shape ``(heads, d_head, D)`` and ``b`` ``(D,)``, so that a head's result is ``z[..., h, :] @ W[h]``.
+    """
+
+    site: str
+    block: str
+    mid: str
+    heads: int
+    forward: Callable[..., Any]
+    projection: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor]]
+
+
+class HookPoint(nn.Module):
+    """An identity module: somewhere to hang forward hooks on a tensor that no module of the model emits.
+    It owns no parameters and is not part of the model's module tree."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class HeadPoints:
+    """The hook points of one attention module's explicit computation (one :class:`HookPoint` per
+    :data:`HEAD_POINTS` entry) and how many captures and ablations use each."""
+
+    def __init__(self):
+        self.points = {kind: HookPoint() for kind in HEAD_POINTS}
+        self._users = dict.fromkeys(HEAD_POINTS, 0)
+
+    def __call__(self, kind: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Pass the ``kind`` tensor (canonical layout, batch first) through its hook point; returns it as
+        the hooks left it (an ablation may replace it)."""
+        return self.points[kind](tensor)
+
+    def wants(self, kind: str) -> bool:
+        """Whether a capture or an ablation uses ``kind`` now (an explicit computation need not build an
+        unused ``result``, which is ``heads`` times larger than the attention output)."""
+        return self._users[kind] > 0
+
+    def use(self, kind: str, count: int) -> None:
+        """Count ``count`` more (or, negative, fewer) users of ``kind``."""
+        self._users[kind] += count
+
+
+def with_head_sites(sites: Mapping[str, Site], heads: Mapping[str, AttentionHeads]) -> dict[str, Site]:
+    """``sites`` plus the head-level sites (after each attention site) and the residual-stream aliases
+    (after each block site) of the attention modules in ``heads`` (keyed by attention site).
+
+    Shapes are derived from the discovered ones (no extra forward pass): for an attention output of
+    ``(L, D)`` and ``h`` heads, ``pattern`` is ``(h, L, L)``, ``v`` and ``z`` ``(L, h, D / h)``,
+    ``result`` ``(L, h, D)``, and the aliases ``(L, D)``. A declaration whose sites were not found
+    adds nothing.
+    """
+    extra: dict[str, dict[str, Site]] = {}
+    for spec in heads.values():
+        attn, block, mid = sites.get(spec.site), sites.get(spec.block), sites.get(spec.mid)
+        if attn is None or block is None or mid is None or attn.layout != "tokens":
+            continue
+        (length, width), h = attn.shape, spec.heads
+        shapes = {"v": ("heads", (length, h, width // h)), "pattern": ("pattern", (h, length, length)),
+                  "z": ("heads", (length, h, width // h)), "result": ("heads", (length, h, width))}
+        extra[attn.name] = {f"{attn.name}.{kind}": Site(f"{attn.name}.{kind}", attn.module, attn.tower, kind,
+                                                          layout, shape, attn.module_type)
+                            for kind, (layout, shape) in shapes.items()}
+        extra.setdefault(block.name, {}).update({
+            f"{block.name}.resid_pre": dataclasses.replace(block, name=f"{block.name}.resid_pre", point="input"),
+            f"{block.name}.resid_mid": dataclasses.replace(mid, name=f"{block.name}.resid_mid", point="input"),
+            f"{block.name}.resid_post": dataclasses.replace(block, name=f"{block.name}.resid_post")})
+    out: dict[str, Site] = {}
+    for name, site in sites.items():
+        out[name] = site
+        out.update(extra.get(name, {}))
+    return out
 
 
 # ----------------------------------------------------------------------------------
@@ -395,21 +635,25 @@ class _ReachedSites(Exception):
 class HookedModel:
     """Site discovery, capture and ablation over one ``nn.Module``.
 
-    Sites are found lazily, on first use, by :func:`discover_sites`.
+    Sites are found lazily, on first use, by :func:`discover_sites`; ``heads`` (keyed by attention
+    site) adds the head-level sites and residual-stream aliases of those attention modules
+    (:func:`with_head_sites`).
     """
 
-    def __init__(self, root: nn.Module, towers: Sequence[Tower]):
+    def __init__(self, root: nn.Module, towers: Sequence[Tower], heads: Mapping[str, AttentionHeads] | None = None):
         self._root = root
         self._towers = towers
+        self._heads = dict(heads or {})
         self._sites: dict[str, Site] | None = None
-        self._active_ablations = 0
         self._ablated_towers: list[str] = []
         self._recorded_towers: list[str] = []
+        self._head_points: dict[str, HeadPoints] = {}  # attention module path -> its hook points
+        self._explicit: dict[str, tuple[int, Any]] = {}  # module path -> (users, its own instance forward)
 
     @property
     def sites(self) -> dict[str, Site]:
         if self._sites is None:
-            self._sites = discover_sites(self._root, self._towers)
+            self._sites = with_head_sites(discover_sites(self._root, self._towers), self._heads)
         return self._sites
 
     def site(self, name: str) -> Site:
@@ -426,7 +670,20 @@ class HookedModel:
             raise InvalidArgumentError("site", name, f"Unknown site; model.layers() lists all "
                                                      f"{len(self.sites)} sites.{hint}") from None
 
+    def attention_heads(self, site: str) -> AttentionHeads:
+        """The declaration of the attention site ``site``; raises
+        :class:`~clipscope.validate.InvalidArgumentError` listing the valid ones if it has none."""
+        self.site(site)
+        if site not in self._heads:
+            valid = list(self._heads)
+            raise InvalidArgumentError("site", site, "an attention site with head-level sites"
+                                                     + (f" (one of {valid[0]!r} .. {valid[-1]!r})" if valid
+                                                        else "; this model declares none"))
+        return self._heads[site]
+
     def _module(self, site: Site) -> nn.Module:
+        if site.point in HEAD_POINTS:
+            return self._head_points.setdefault(site.module, HeadPoints()).points[site.point]
         return self._root.get_submodule(site.module)
 
     @property
@@ -438,6 +695,37 @@ class HookedModel:
     def hooked_towers(self) -> set[str]:
         """Towers with an ablation or a capture currently in force (whose sites must see the full forward pass)."""
         return set(self._ablated_towers) | set(self._recorded_towers)
+
+    @contextlib.contextmanager
+    def _explicit_attention(self, sites: Sequence[Site]) -> Iterator[None]:
+        """Run the attention modules of the head-level sites among ``sites`` by their backend's explicit
+        computation while the block lasts (nested uses are counted; the module's own forward is back after
+        the last). Other modules, and these outside the block, run unchanged."""
+        used = [s for s in sites if s.point in HEAD_POINTS]
+        for site in used:
+            points = self._head_points.setdefault(site.module, HeadPoints())
+            points.use(site.point, 1)
+            users, own = self._explicit.get(site.module, (0, None))
+            if users == 0:
+                module = self._root.get_submodule(site.module)
+                own = module.__dict__.get("forward")
+                spec = self._heads[site.name.rsplit(".", 1)[0]]
+                module.forward = functools.partial(spec.forward, module, points)
+            self._explicit[site.module] = (users + 1, own)
+        try:
+            yield
+        finally:
+            for site in reversed(used):
+                self._head_points[site.module].use(site.point, -1)
+                users, own = self._explicit.pop(site.module)
+                if users > 1:
+                    self._explicit[site.module] = (users - 1, own)
+                    continue
+                module = self._root.get_submodule(site.module)
+                if own is None:
+                    del module.forward
+                else:
+                    module.forward = own
 
     @contextlib.contextmanager
     def capture(self, sites: str | Iterable[str], *, grad: bool = False) -> Iterator[Activations]:
@@ -492,15 +780,16 @@ class HookedModel:
 
         for site in resolved:
             module = self._module(site)
-            if site.point == "output":
+            if site.point == "input":
+                handles.append(module.register_forward_pre_hook(lambda _m, inp, site=site: record(site, inp[0])))
+            else:
                 handles.append(module.register_forward_hook(
                     lambda _m, _inp, out, site=site: record(site, _first_tensor(out))))
-            else:
-                handles.append(module.register_forward_pre_hook(lambda _m, inp, site=site: record(site, inp[0])))
         towers = sorted({site.tower for site in resolved})
         self._recorded_towers.extend(towers)
         try:
-            yield acts
+            with self._explicit_attention(resolved):
+                yield acts
         finally:
             for h in handles:
                 h.remove()
@@ -508,54 +797,92 @@ class HookedModel:
                 self._recorded_towers.remove(t)
 
     @contextlib.contextmanager
-    def ablate(self, units: Unit | Iterable[Unit], value: float | torch.Tensor = 0.0) -> Iterator[None]:
+    def ablate(self, units: Unit | Iterable[Unit],
+               value: float | torch.Tensor | Mapping[str, torch.Tensor] = 0.0) -> Iterator[None]:
         """Set ``units`` to ``value`` (default 0) in every forward pass inside the block.
 
-        ``value`` may be a scalar or a tensor broadcastable to the selected region
-        (e.g. a mean activation to patch in).
+        ``value`` is a number, a tensor broadcastable to each unit's selected region, or a mapping
+        ``{site: tensor}`` in the sites' canonical layout (such as :class:`Activations`), from which each
+        unit takes its own value (:meth:`Unit.value_in`): a tensor of one example's shape applies to every
+        example (mean-ablation with means over a reference set), a batch as long as the forward pass's
+        patches each example from its counterpart (activations captured on other inputs).
         """
         unit_list = _check_units(units)
-        if not isinstance(value, torch.Tensor):
-            value = check_number("value", value)
         by_site: dict[str, list[Unit]] = {}
         for u in unit_list:
             site = self.site(u.site)
             u.check(site)
             by_site.setdefault(site.name, []).append(u)
+        if isinstance(value, Mapping):
+            sources = _check_sources(value, [self.sites[n] for n in by_site])
+        elif not isinstance(value, torch.Tensor):
+            value = check_number("value", value)
         handles = []
         for name, site_units in by_site.items():
             site = self.sites[name]
-            module = self._module(site)
 
             def edit(raw: torch.Tensor, site=site, site_units=site_units) -> torch.Tensor:
                 out = raw.clone()
                 view = site.canonical(out)
+                source = _source_batch(sources[site.name], view) if isinstance(value, Mapping) else None
                 for u in site_units:
-                    u.ablate_(view, site.layout, value)
+                    u.ablate_(view, site.layout, value if source is None else u.value_in(source, site.layout))
                 return out
 
-            if site.point == "output":
-                def hook(_m, _inp, out, edit=edit):
-                    if isinstance(out, torch.Tensor):
-                        return edit(out)
-                    if isinstance(out, tuple):
-                        return (edit(out[0]),) + tuple(out[1:])
-                    out.last_hidden_state = edit(out.last_hidden_state)
-                    return out
-                handles.append(module.register_forward_hook(hook))
-            else:
-                def pre_hook(_m, inp, edit=edit):
-                    return (edit(inp[0]),) + tuple(inp[1:])
-                handles.append(module.register_forward_pre_hook(pre_hook))
-        towers = sorted({self.sites[n].tower for n in by_site})
+            handles.append(_edit_hook(self._module(site), site.point, edit))
+        resolved = [self.sites[n] for n in by_site]
+        towers = sorted({site.tower for site in resolved})
         self._ablated_towers.extend(towers)
         try:
-            yield
+            with self._explicit_attention(resolved):
+                yield
         finally:
             for h in handles:
                 h.remove()
             for t in towers:
                 self._ablated_towers.remove(t)
+
+
+def _edit_hook(module: nn.Module, point: str, edit: Callable[[torch.Tensor], torch.Tensor]):
+    """Register a hook on ``module`` that replaces its first input (``point == "input"``) or its output
+    (tensor, tuple or model output) by ``edit`` of it; returns the handle."""
+    if point == "input":
+        return module.register_forward_pre_hook(lambda _m, inp: (edit(inp[0]),) + tuple(inp[1:]))
+
+    def hook(_m, _inp, out):
+        if isinstance(out, torch.Tensor):
+            return edit(out)
+        if isinstance(out, tuple):
+            return (edit(out[0]),) + tuple(out[1:])
+        out.last_hidden_state = edit(out.last_hidden_state)
+        return out
+    return module.register_forward_hook(hook)
+
+
+def _check_sources(value: Mapping[str, Any], sites: Sequence[Site]) -> dict[str, torch.Tensor]:
+    """``ablate``'s mapping ``value`` as ``{site: (n, *shape) tensor}`` for ``sites``, or an error naming the
+    site whose value is missing or of the wrong shape."""
+    out = {}
+    for site in sites:
+        tensor = value[site.name] if site.name in value else None
+        if not isinstance(tensor, torch.Tensor):
+            raise InvalidArgumentError("value", f"<mapping without a tensor for {site.name!r}>",
+                                       f"a tensor for every ablated site (e.g. captured activations or "
+                                       f"model.mean_activations of {site.name!r})")
+        shape = tuple(tensor.shape)
+        if shape != site.shape and shape[1:] != site.shape:
+            raise InvalidArgumentError("value", f"<{site.name!r}: shape {shape}>",
+                                       f"one example's shape {site.shape} or a batch (n, *{site.shape})")
+        out[site.name] = tensor.unsqueeze(0) if shape == site.shape else tensor
+    return out
+
+
+def _source_batch(source: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+    """``source`` on ``acts``' device and dtype, checked to be one example or as many as ``acts`` holds."""
+    if source.shape[0] not in (1, acts.shape[0]):
+        raise InvalidArgumentError("value", f"<a batch of {source.shape[0]}>",
+                                   f"one example or a batch of {acts.shape[0]}, as many as the forward pass runs")
+    return source.to(acts.device, acts.dtype)
 
 
 def _check_units(units: Any) -> list[Unit]:

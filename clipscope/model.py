@@ -20,7 +20,7 @@ import dataclasses
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backends, prompts
-from .backends import Architecture
+from .backends import Architecture, Readout
 from .data import EmbeddedImages, ImageLoadError, iter_images, list_image_files, source_length
-from .hooks import Activations, HookedModel, Site, Tower, Unit, site_names
+from .hooks import TOKEN_POOLS, Activations, HookedModel, Site, TokenPool, Tower, Unit, site_names, unit_means
 from .progress import progress_bar
 from .validate import InvalidArgumentError, check_choice, check_int, check_names
 
@@ -266,7 +266,8 @@ class ClipModel:
         self.default_templates = tuple(default_templates)
         self.backend = backend
         self.architecture = architecture or Architecture()
-        self._hooked = HookedModel(model, towers)
+        self._token_pool: TokenPool = "patches"
+        self._hooked = HookedModel(model, towers, self.architecture.heads)
         self._class_cache: dict[tuple, torch.Tensor] = {}
         self._pixel_stats_cache: dict[tuple, torch.Tensor] = {}  # (dtype, device) -> (2, 3, 1, 1) mean, std
         self._embed_dim: int | None = None
@@ -390,12 +391,13 @@ class ClipModel:
               progress: bool | None = None, desc: str = "encode images") -> EmbeddedImages:
         """Encode every readable image of ``source``; unreadable ones are skipped and listed.
 
-        Returns :class:`~clipscope.data.EmbeddedImages` (float32 CPU embeddings,
-        the key of each row, and the skipped ``(key, reason)`` pairs).
+        Returns :class:`~clipscope.data.EmbeddedImages` (float32 CPU embeddings, the key and the
+        position in ``source`` of each row, and the skipped ``(key, reason)`` pairs). A folder is
+        listed once.
         """
         batch_size = check_int("batch_size", batch_size, low=1)
-        total = source_length(source)
-        keys, chunks, skipped, batch, batch_keys = [], [], [], [], []
+        items, total = _items_and_length(source)
+        keys, positions, chunks, skipped, batch, batch_rows = [], [], [], [], [], []
 
         def flush():
             if batch:
@@ -403,12 +405,13 @@ class ClipModel:
                 with torch.no_grad():
                     emb = self.model.encode_image(x).float()
                 chunks.append((F.normalize(emb, dim=-1) if normalize else emb).cpu())
-                keys.extend(batch_keys)
+                keys.extend(key for key, _ in batch_rows)
+                positions.extend(position for _, position in batch_rows)
                 batch.clear()
-                batch_keys.clear()
+                batch_rows.clear()
 
         show = total is None or total > batch_size
-        for key, item in progress_bar(iter_images(source), progress, show, desc, total=total):
+        for position, (key, item) in enumerate(progress_bar(items, progress, show, desc, total=total)):
             if isinstance(item, ImageLoadError):
                 skipped.append((key, str(item)))
                 continue
@@ -418,13 +421,13 @@ class ClipModel:
                                      f"takes {tuple(self.image_size)} (pass PIL images to have them resized)"))
                 continue
             batch.append(tensor)
-            batch_keys.append(key)
+            batch_rows.append((key, position))
             if len(batch) == batch_size:
                 flush()
         flush()
         dim = chunks[0].shape[1] if chunks else self.embed_dim
         embeddings = torch.cat(chunks) if chunks else torch.empty(0, dim)
-        return EmbeddedImages(embeddings, keys, skipped)
+        return EmbeddedImages(embeddings, keys, skipped, positions)
 
     # -- zero-shot ----------------------------------------------------------------------
     def class_embeddings(self, classes: Sequence[str], templates: str | Sequence[str] | None = None) -> torch.Tensor:
@@ -476,15 +479,15 @@ class ClipModel:
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             with torch.no_grad():
                 img = self.encode_image(images).cpu()
-            keys, skipped = list(range(len(img))), []
+            keys, positions, skipped = list(range(len(img))), list(range(len(img))), []
         else:
             embedded = self.embed(images, batch_size=batch_size, progress=progress)
-            img, keys, skipped = embedded.embeddings, embedded.keys, embedded.skipped
+            img, keys, positions, skipped = embedded.embeddings, embedded.keys, embedded.positions, embedded.skipped
         skipped = [(_path_key(images, k), reason) for k, reason in skipped]
         if skipped:
             _warn_skipped(skipped, len(keys) + len(skipped))
         return ZeroShotResult(head.probs(img), list(head.classes), head.templates, [_path_key(images, k) for k in keys],
-                              skipped, _positions(images, keys))
+                              skipped, positions)
 
     # -- hooks --------------------------------------------------------------------------
     def layers(self) -> Layers:
@@ -503,6 +506,71 @@ class ClipModel:
         a transformer block's self-attention)."""
         check_choice("tower", tower, ["visual", "text"])
         return list(self.architecture.attention.get(tower, ()))
+
+    def head_count(self, tower: str = "visual") -> int:
+        """Attention heads per transformer block of ``tower`` (``"visual"`` or ``"text"``), as the backend
+        declares them for head-level sites (:mod:`clipscope.hooks`); 0 for a tower without any (a ResNet)."""
+        counts = [self.architecture.heads[a].heads for a in self.attention_sites(tower) if a in self.architecture.heads]
+        return counts[0] if counts else 0
+
+    def output_projection(self, attention_site: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output projection of ``attention_site`` split by head: ``(W, b)``, ``W`` of shape
+        ``(heads, d_head, D)`` and ``b`` ``(D,)``, detached, in the model's dtype and on its device.
+
+        Head ``h``'s result (the site ``f"{attention_site}.result"``) is ``z[..., h, :] @ W[h]`` with ``z``
+        the site ``f"{attention_site}.z"``, and the attention output is the sum over heads plus ``b``.
+        Raises :class:`~clipscope.validate.InvalidArgumentError` for a site without head-level sites.
+        """
+        spec = self._hooked.attention_heads(attention_site)
+        return spec.projection(self.model.get_submodule(self.site(attention_site).module))
+
+    def mean_activations(self, images: Any, sites: str | Iterable[str], *, batch_size: int = 64,
+                         progress: bool | None = None) -> dict[str, torch.Tensor]:
+        """The mean over ``images`` of each image-tower site's activations: ``{site: tensor}``, float32 on the
+        CPU, one example's canonical shape (``model.site(name).shape``).
+
+        ``images`` is a preprocessed ``(N, 3, H, W)`` tensor or anything :meth:`encode_image` takes (an
+        unreadable image raises :class:`~clipscope.data.ImageLoadError` naming every bad one); the tower
+        runs only as far as the deepest site. Mean-ablation over a reference set is
+        ``model.ablate(units, value=model.mean_activations(reference, sites))``.
+        """
+        names = site_names(sites)
+        batch_size = check_int("batch_size", batch_size, low=1)
+        totals: dict[str, torch.Tensor] = {}
+        count = 0
+        for batch in self._preprocessed_batches(images, batch_size, progress):
+            with torch.no_grad():
+                acts = self.activations(batch, names)
+            for name in names:
+                total = acts[name].double().sum(dim=0).cpu()
+                totals[name] = totals[name] + total if name in totals else total
+            count += len(batch)
+        if not count:
+            raise InvalidArgumentError("images", images, "at least one image to average over")
+        return {name: (total / count).float() for name, total in totals.items()}
+
+    def _preprocessed_batches(self, images: Any, batch_size: int, progress: bool | None) -> Iterable[torch.Tensor]:
+        """``images`` as preprocessed ``(n <= batch_size, 3, H, W)`` batches; raises
+        :class:`~clipscope.data.ImageLoadError` naming every unreadable image once all were read."""
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            yield from images.split(batch_size)
+            return
+        batch, bad = [], []
+        total = source_length(images)
+        for key, item in progress_bar(iter_images(images), progress, total is None or total > batch_size,
+                                      "mean activations", total=total):
+            if isinstance(item, ImageLoadError):
+                bad.append((key, str(item)))
+                continue
+            batch.append(item if isinstance(item, torch.Tensor) else self.preprocess(item))
+            if len(batch) == batch_size:
+                yield torch.stack(batch)
+                batch = []
+        if batch:
+            yield torch.stack(batch)
+        if bad:
+            listing = "; ".join(f"{k}: {r}" for k, r in bad[:10])
+            raise ImageLoadError(f"{len(bad)} image(s) could not be read: {listing}", bad)
 
     def pre_activation_site(self, site: str) -> str:
         """The site holding ``site``'s value before its final activation; ``site`` itself if none.
@@ -525,6 +593,44 @@ class ClipModel:
     def patch_grid(self) -> tuple[int, int] | None:
         """``(rows, columns)`` of the image tower's patch tokens; ``None`` for a convolutional tower."""
         return self.architecture.patch_grid
+
+    @property
+    def readout(self) -> Readout | None:
+        """How a transformer image tower pools its last residual stream, normalizes and projects it into the
+        embedding (:class:`~clipscope.backends.Readout`); ``None`` for a convolutional tower."""
+        return self.architecture.readout
+
+    @property
+    def token_pool(self) -> TokenPool:
+        """How a unit of the image tower's token sites is read as one number per image wherever no token is
+        named (dataset examples, labels, rendered words, objectives, defences): ``"patches"`` (default: the mean
+        over the patch tokens, as a conv channel is read as its mean over positions), ``"class"`` (the class
+        token alone, as the CLIP-Dissect reference reads ViT units) or ``"all"`` (every token). Settable; the
+        text tower's tokens are always averaged."""
+        return self._token_pool
+
+    @token_pool.setter
+    def token_pool(self, pool: TokenPool) -> None:
+        pool = check_choice("token_pool", pool, TOKEN_POOLS)
+        if pool == "class" and not self.prefix_tokens:
+            raise InvalidArgumentError("token_pool", pool, f"'patches' or 'all': {self.name}'s image tower has no "
+                                                           f"class token")
+        self._token_pool = pool
+
+    def _pooling(self, site: Site) -> dict[str, Any]:
+        """Keyword arguments of :meth:`Unit.read` / :func:`unit_means` for ``site`` under :attr:`token_pool`."""
+        grid = self.patch_grid
+        tokens = site.shape[0] if site.layout in ("tokens", "heads") else site.shape[1] if site.layout == "pattern" else 0
+        if site.tower != "visual" or grid is None or tokens != self.prefix_tokens + grid[0] * grid[1]:
+            return {"pool": "all", "prefix": 0}
+        return {"pool": self._token_pool, "prefix": self.prefix_tokens}
+
+    def unit_values(self, site: str, acts: Activations | torch.Tensor) -> torch.Tensor:
+        """Every unit of ``site`` read as one number per example, ``(B, n_units)`` in the site's own units: the
+        mean over positions for conv sites, tokens pooled as :attr:`token_pool` says, vectors as they are."""
+        info = self.site(site)
+        tensor = acts if isinstance(acts, torch.Tensor) else acts[info.name]
+        return unit_means(tensor, info.layout, **self._pooling(info))
 
     def redirectable_activations(self) -> list[nn.Module]:
         """The image tower's ReLU modules, whose gradient feature visualization may redirect
@@ -556,8 +662,12 @@ class ClipModel:
         x = images.to(self.device, self.dtype)
         return self._hooked.run_until(lambda: self.model.encode_image(x), names, grad=grad)
 
-    def ablate(self, units: Unit | Iterable[Unit], value: float | torch.Tensor = 0.0) -> contextlib.AbstractContextManager[None]:
-        """``with model.ablate(units):`` sets the units to ``value`` (default 0) inside the block."""
+    def ablate(self, units: Unit | Iterable[Unit],
+               value: float | torch.Tensor | Mapping[str, torch.Tensor] = 0.0) -> contextlib.AbstractContextManager[None]:
+        """``with model.ablate(units):`` sets the units to ``value`` inside the block: a number (default 0), a
+        tensor, or ``{site: tensor}`` from which each unit takes its own slice: one example's shape for
+        mean-ablation (:meth:`mean_activations` over a reference set) or a batch captured on other inputs
+        (an :class:`~clipscope.hooks.Activations`) for patching."""
         return self._hooked.ablate(units, value)
 
     def read(self, unit: Unit, acts: Activations | torch.Tensor) -> torch.Tensor:
@@ -565,7 +675,7 @@ class ClipModel:
         site = self.site(unit.site)
         unit.check(site)
         tensor = acts if isinstance(acts, torch.Tensor) else acts[site.name]
-        return unit.read(tensor, site.layout)
+        return unit.read(tensor, site.layout, **self._pooling(site))
 
 
 def _check_texts(texts: Any) -> list[str]:
@@ -592,12 +702,13 @@ def _path_key(images: Any, key: Any) -> Any:
     return os.fspath(item) if isinstance(item, (str, os.PathLike)) else key
 
 
-def _positions(images: Any, keys: Sequence[Any]) -> list[int]:
-    """Position in the input of each row keyed by :func:`~clipscope.data.iter_images` (paths: in a folder)."""
-    if all(isinstance(k, int) for k in keys):
-        return list(keys)
-    order = {str(p): i for i, p in enumerate(list_image_files(images))}
-    return [order[k] for k in keys]
+def _items_and_length(source: Any) -> tuple[Iterable[tuple[Any, Any]], int | None]:
+    """:func:`~clipscope.data.iter_images` of ``source`` (``(key, image_or_error)`` pairs, a folder's keyed
+    by path) and the number of items (``None`` when unknown), listing a folder only once."""
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        files = list_image_files(source)
+        return ((str(path), item) for path, (_, item) in zip(files, iter_images(files))), len(files)
+    return iter_images(source), source_length(source)
 
 
 def _warn_skipped(skipped: Sequence[tuple[Any, str]], total: int) -> None:

@@ -143,7 +143,8 @@ class TestUnits:
         with tiny_vit.capture(site) as acts:
             tiny_vit.encode_image(_batch(tiny_vit))
         assert torch.equal(tiny_vit.read(Unit.neuron(site, 5, token=0), acts), acts[site][:, 0, 5])
-        assert torch.allclose(tiny_vit.read(Unit.neuron(site, 5), acts), acts[site][:, :, 5].mean(1))
+        patches = acts[site][:, tiny_vit.prefix_tokens:, 5].mean(1)  # the default token_pool (tests/test_token_pool.py)
+        assert torch.allclose(tiny_vit.read(Unit.neuron(site, 5), acts), patches)
 
     @pytest.mark.parametrize("unit,message", [
         (Unit.channel("visual.layer4.0", 256), r"valid: 0..255"),

@@ -59,25 +59,28 @@ def test_default_labels_follow_the_reference_definition_on_a_resnet_stage(tiny_r
     assert [labels.top(u, 1)[0][0] for u in labels.units] == [CONCEPTS[j] for j in expected.argmax(axis=1)]
 
 
-def test_reference_pooling_reads_a_vit_class_token_and_mean_pooling_every_token(tiny_vit, probe):
+def test_reference_pooling_reads_a_vit_class_token_and_model_pooling_the_models_token_pool(tiny_vit, probe):
     site = "visual.transformer.resblocks.1"
     with torch.no_grad(), tiny_vit.capture(site) as acts:
         tiny_vit.encode_image(probe, progress=False)
     P = bare_similarity(tiny_vit, probe, CONCEPTS)
-    for pooling, A in (("reference", acts[site][:, 0]), ("mean", acts[site].mean(dim=1))):
+    patches = acts[site][:, tiny_vit.prefix_tokens:].mean(dim=1)  # the default token_pool, "patches"
+    for pooling, A in (("reference", acts[site][:, 0]), ("model", patches)):
         labels = label_units(tiny_vit, site, probe, CONCEPTS, pooling=pooling, top_k=4, units=[0, 5, 31],
                              progress=False)
         expected = reference_soft_wpmi(P, A.double().numpy(), top_k=4)[[0, 5, 31]]
         assert np.allclose(labels.scores, expected, atol=1e-6), pooling
 
 
-def test_reference_pooling_of_each_layout():
-    conv, tokens, vector = torch.randn(2, 3, 4, 5), torch.randn(2, 7, 3), torch.randn(2, 3)
-    assert torch.equal(pooled(conv, "conv"), conv.mean(dim=(2, 3)))
-    assert torch.equal(pooled(tokens, "tokens"), tokens[:, 0])
-    assert torch.allclose(pooled(tokens, "tokens", class_token=False), tokens.mean(dim=1))  # no class token
-    assert torch.allclose(pooled(tokens, "tokens", "mean"), tokens.mean(dim=1))
-    assert torch.equal(pooled(vector, "vector"), vector)
+def test_reference_pooling_of_each_layout(tiny_rn, tiny_vit):
+    conv, tokens = torch.randn(2, 32, 16, 16), torch.randn(2, 17, 32)
+    assert torch.allclose(pooled(tiny_rn, "visual.layer1", conv), conv.mean(dim=(2, 3)))
+    assert torch.equal(pooled(tiny_vit, "visual.transformer.resblocks.0", tokens), tokens[:, 0])
+    assert torch.allclose(pooled(tiny_vit, "visual.transformer.resblocks.0", tokens, "model"), tokens[:, 1:].mean(dim=1))
+    text = torch.randn(2, 16, 32)  # the text tower has no class token: its tokens are averaged
+    assert torch.allclose(pooled(tiny_vit, "text.transformer.resblocks.0", text), text.mean(dim=1))
+    vector = torch.randn(2, 32)
+    assert torch.equal(pooled(tiny_vit, "visual", vector), vector)
 
 
 def test_templates_none_embeds_concepts_with_the_model_default_prompts(tiny_rn, probe):
@@ -95,7 +98,7 @@ def test_templates_none_embeds_concepts_with_the_model_default_prompts(tiny_rn, 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"method": "wpmi"}, "method='wpmi' is not valid: one of 'soft_wpmi', 'cos_cubed'"),
-    ({"pooling": "max"}, "pooling='max' is not valid: one of 'reference', 'mean'"),
+    ({"pooling": "max"}, "pooling='max' is not valid: one of 'reference', 'model'"),
     ({"site": "text.transformer"}, "site='text.transformer' is not valid: an image-tower site"),
     ({"units": [0, 256]}, "units=[256] is not valid: unit indices of 'visual.layer4', 0..255"),
     ({"concepts": ["red"]}, "concepts=['red'] is not valid"),

@@ -55,7 +55,8 @@ def brute_force(model, images, site, units, k, batch_size):
     layout = model.site(site).layout
     view = feature_last(acts[site], layout)
     flat = view.reshape(view.shape[0], -1, view.shape[-1]).float()
-    means = flat.mean(dim=1).cpu()
+    pooled = flat[:, model.prefix_tokens:] if layout == "tokens" else flat  # the default token_pool: patch tokens
+    means = pooled.mean(dim=1).cpu()
     flat = flat.cpu()
     out = {}
     for u in units:

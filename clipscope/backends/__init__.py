@@ -23,11 +23,35 @@ import torch
 from torch import nn
 
 from .. import prompts
-from ..hooks import Tower
+from ..hooks import AttentionHeads, Tower
 
 #: ``(name prefix, backend module)`` pairs, tried in order; names matching none go to :data:`DEFAULT_BACKEND`.
 REGISTRY: tuple[tuple[str, str], ...] = (("hf:", "transformers"),)
 DEFAULT_BACKEND = "open_clip"
+
+
+@dataclass(frozen=True)
+class Readout:
+    """How a transformer image tower turns its last residual stream ``(L, D)`` into the image embedding
+    (module and parameter paths in the wrapped ``nn.Module``).
+
+    - ``pool``: ``"token"`` (one token, ``token``), ``"mean"`` (the mean over the patch tokens, those after
+      the prefix tokens), or a description of another pooling (e.g. open_clip's attentional pooler), which
+      :mod:`clipscope.decompose` refuses by that name;
+    - ``token``: the pooled token for ``pool="token"`` (0: the class token);
+    - ``norm``: the final LayerNorm; ``norm_after_pool``: whether it normalizes the pooled vector (``True``)
+      or every token before pooling (``False``; the same for one token);
+    - ``projection``: the projection matrix (a parameter), ``None`` where there is none;
+      ``projection_transposed``: it is stored ``(out, in)`` as ``nn.Linear`` stores its weight (the
+      embedding is ``pooled @ P.T``), else ``(in, out)`` (``pooled @ P``).
+    """
+
+    pool: str
+    norm: str
+    projection: str | None
+    token: int = 0
+    norm_after_pool: bool = False
+    projection_transposed: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,7 +72,13 @@ class Architecture:
       activations, whose gradient feature visualization may redirect;
     - ``text_tokens_needed``: for a batch of token ids ``(B, context)``, how many leading positions
       give the same embeddings as the whole context (the model's ``encode_text`` then takes the
-      batch cut there); ``None`` where no cut is exact.
+      batch cut there); ``None`` where no cut is exact;
+    - ``readout``: how a transformer image tower pools, normalizes and projects (:class:`Readout`);
+      ``None`` for a convolutional tower;
+    - ``heads``: ``{attention site: AttentionHeads}`` for the transformer blocks whose attention splits
+      into heads (:class:`~clipscope.hooks.AttentionHeads`: its block, the site before its MLP, the
+      number of heads, the explicit computation of :mod:`clipscope.backends.attention` and the output
+      projection by head), which gives them head-level sites and residual-stream aliases.
     """
 
     blocks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -58,6 +88,8 @@ class Architecture:
     attention: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     redirectable: tuple[str, ...] = ()
     text_tokens_needed: Callable[[torch.Tensor], int] | None = None
+    readout: Readout | None = None
+    heads: Mapping[str, AttentionHeads] = field(default_factory=dict)
 
 
 @dataclass

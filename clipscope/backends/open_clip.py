@@ -2,14 +2,16 @@
 
 Name forms: ``"organism"``; an open_clip model name with a pretrained tag, a checkpoint path or
 ``None`` (random weights); ``"hf-hub:ORG/REPO"``; a local folder with ``open_clip_config.json``.
-:mod:`clipscope.hub` resolves the files (cache, one probe, download) and open_clip builds the model
-from local paths, always with ``require_pretrained=True``.
+:mod:`clipscope.hub` resolves the files (cache, one probe, download); open_clip builds the model from
+local paths, its parameters on the meta device when a checkpoint will fill them, and converts the
+checkpoint, whose tensors are then assigned to the model (no throwaway random initialisation).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -20,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import hub, prompts
-from ..hooks import Tower
-from . import Architecture, LoadedModel, relu_paths
+from ..hooks import AttentionHeads, Tower
+from . import Architecture, LoadedModel, Readout, relu_paths
+from .attention import multihead_attention, output_projection
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 _CONFIG_DIR = _PACKAGE_DIR / "model_configs"
@@ -43,8 +46,8 @@ def load(name: str, pretrained: str | None, dev: torch.device, dtype: torch.dtyp
     if not isinstance(name, str) or not name:
         raise unknown_model(name)
     register_configs()
-    if name == "organism":
-        return _organism(pretrained, dev, dtype)
+    if name in ORGANISMS:
+        return _organism(name, pretrained, dev, dtype)
     if name.startswith("hf-hub:"):
         repo = name[len("hf-hub:"):]
         files = hub.ensure_files(name, repo, [["open_clip_config.json"],
@@ -63,19 +66,24 @@ def load(name: str, pretrained: str | None, dev: torch.device, dtype: torch.dtyp
     return _load_name(name, pretrained, dev, dtype)
 
 
-def _organism(pretrained: str | None, dev: torch.device, dtype: torch.dtype) -> LoadedModel:
+#: The built-in organisms: name -> (open_clip architecture, weights file in the organism folder, --arch).
+ORGANISMS = {"organism": (ORGANISM_ARCH, "organism.safetensors", "resnet"),
+             "organism-vit": ("clipscope-organism-vit", "organism-vit.safetensors", "vit")}
+
+
+def _organism(name: str, pretrained: str | None, dev: torch.device, dtype: torch.dtype) -> LoadedModel:
     from ..validate import InvalidArgumentError
     if pretrained is not None:
-        raise InvalidArgumentError("pretrained", pretrained, "None: the organism has one set of weights")
-    weights = _ORGANISM_DIR / "organism.safetensors"
+        raise InvalidArgumentError("pretrained", pretrained, f"None: the {name} has one set of weights")
+    arch, filename, train_arch = ORGANISMS[name]
+    weights = _ORGANISM_DIR / filename
     if not weights.is_file():
         raise hub.WeightsNotAvailableError(
-            f"The organism's weights are missing from the installed package ({weights}). "
-            "Reinstall clipscope-toolkit, or rebuild them with `python -m clipscope.organism.train --out "
-            f"{weights}`.")
+            f"The {name}'s weights are missing from the installed package ({weights}). "
+            f"Reinstall clipscope-toolkit, or rebuild them with `python -m clipscope.organism.train --arch {train_arch} "
+            f"--out {weights}`.")
     from ..organism import ZERO_SHOT_TEMPLATES
-    return _open_clip_model(ORGANISM_ARCH, str(weights), dev, dtype, display="organism",
-                            default_templates=ZERO_SHOT_TEMPLATES)
+    return _open_clip_model(arch, str(weights), dev, dtype, display=name, default_templates=ZERO_SHOT_TEMPLATES)
 
 
 def unknown_model(name: Any, extra: str = "") -> hub.UnknownModelError:
@@ -167,6 +175,72 @@ def _quiet_root_logger() -> Iterator[None]:
         root.setLevel(level)
 
 
+def _build(arch: str, checkpoint: str | None, kwargs: dict[str, Any]) -> tuple[nn.Module, Callable]:
+    """Return open_clip's model ``arch`` (fp32, on the CPU) and its preprocessing transform, with the weights
+    of ``checkpoint`` (a file; for ``local-dir:`` names the folder's weights file).
+
+    Without weights the model is initialised randomly exactly as open_clip does (same seed, same weights).
+    With weights, its parameters are built on the meta device (no memory, no initialisation) and the
+    checkpoint's tensors, converted by open_clip's ``load_checkpoint``, are then assigned to them: no
+    throwaway random weights, no second copy. Buffers are built as usual, so those a checkpoint does not
+    hold (the text tower's causal mask) are what open_clip computes. The tensors of a safetensors file
+    stay memory-mapped from it (copy-on-write, as transformers keeps them) while the model is fp32 on
+    the CPU: a file rewritten in place meanwhile changes them; write new checkpoints to a new file.
+    """
+    import open_clip
+    folder = arch[len(_LOCAL_DIR):] if arch.startswith(_LOCAL_DIR) else None
+    if (checkpoint is None and folder is None) or Path(checkpoint or "").suffix in (".npz", ".npy"):
+        # open_clip copies big_vision numpy weights into built tensors, so those are built first
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=checkpoint, device="cpu", precision="fp32", weights_only=True,
+            require_pretrained=checkpoint is not None, **kwargs)
+        return model, preprocess
+    with _parameters_on_meta():  # device=None: create_model's `.to(device)` moves nothing
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch, load_weights=False, device=None, precision="fp32", **kwargs)
+    if checkpoint is None:
+        from open_clip.factory import _find_checkpoint_in_dir  # the file open_clip itself would load
+        checkpoint = _find_checkpoint_in_dir(Path(folder))
+        if checkpoint is None:
+            raise FileNotFoundError(f"{folder!r} holds no weights file")
+    with _assigning_loads(model):
+        open_clip.load_checkpoint(model, checkpoint, strict=True, weights_only=True)
+    on_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if on_meta:
+        raise RuntimeError(f"the checkpoint left {len(on_meta)} tensors without a value: {', '.join(on_meta[:3])}")
+    return model, preprocess
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Within the context, every ``nn.Parameter`` this thread registers is moved to the meta device, so
+    the initialisation that follows does nothing; buffers stay where they were made."""
+    thread = threading.get_ident()
+
+    def to_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
+        if param is None or param.is_meta or threading.get_ident() != thread:
+            return None
+        return type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    handle = nn.modules.module.register_module_parameter_registration_hook(to_meta)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _assigning_loads(model: nn.Module) -> Iterator[None]:
+    """Within the context, ``model.load_state_dict`` assigns the given tensors to the model instead of
+    copying them into its (meta) tensors. open_clip's ``load_checkpoint`` converts a checkpoint (a wrapped
+    ``state_dict``, ``module.`` prefixes, other formats, resized position embeddings) and then calls it."""
+    model.load_state_dict = functools.partial(type(model).load_state_dict, model, assign=True)
+    try:
+        yield
+    finally:
+        del model.load_state_dict
+
+
 def _open_clip_model(arch: str, checkpoint: str | None, dev: torch.device, dtype: torch.dtype, *,
                      display: str, tag: str | None = None,
                      default_templates: Sequence[str] = prompts.DEFAULT_TEMPLATES, **kwargs) -> LoadedModel:
@@ -174,9 +248,7 @@ def _open_clip_model(arch: str, checkpoint: str | None, dev: torch.device, dtype
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
         with _quiet_root_logger():  # open_clip logs its own notices on the root logger
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                arch, pretrained=checkpoint, device="cpu", precision="fp32", weights_only=True,
-                require_pretrained=checkpoint is not None or arch.startswith(_LOCAL_DIR), **kwargs)
+            model, preprocess = _build(arch, checkpoint, kwargs)
     except Exception as exc:  # open_clip and torch raise many types for a bad file; one error names it
         if checkpoint is not None:
             raise hub.checkpoint_error(exc, checkpoint, repr(arch), lambda: architecture_shapes(arch)) from None
@@ -240,7 +312,7 @@ def architecture(model: nn.Module, text_tokens_needed: Callable[[torch.Tensor], 
     blocks = {"visual": (), "text": _transformer_blocks(text, "text")}
     attention = {"visual": (), "text": tuple(f"{b}.attn" for b in blocks["text"])}
     pre: dict[str, str] = {}
-    prefix, grid = 0, None
+    prefix, grid, readout = 0, None, None
     if all(hasattr(visual, f"layer{i}") for i in range(1, 5)):  # ModifiedResNet
         blocks["visual"] = tuple(f"visual.layer{i}" for i in range(1, 5))
         pre = _bottleneck_pre_activations(visual)
@@ -250,9 +322,38 @@ def architecture(model: nn.Module, text_tokens_needed: Callable[[torch.Tensor], 
         attention["visual"] = tuple(f"{b}.attn" for b in blocks["visual"])
         grid = tuple(int(g) for g in visual.grid_size)
         prefix = int(visual.positional_embedding.shape[0]) - grid[0] * grid[1]
+        readout = _vit_readout(visual)
+    heads = {**_attention_heads(visual, blocks["visual"]), **_attention_heads(text, blocks["text"])}
     return Architecture(blocks=blocks, pre_activations=pre, prefix_tokens=prefix, patch_grid=grid,
                         attention=attention, redirectable=relu_paths(model, "visual"),
-                        text_tokens_needed=text_tokens_needed)
+                        text_tokens_needed=text_tokens_needed, readout=readout, heads=heads)
+
+
+def _vit_readout(visual: nn.Module) -> Readout:
+    """A ``VisionTransformer``'s readout: ``ln_post`` on every token then the class token (``pool_type='tok'``)
+    or the mean of the patch tokens (``'avg'``), or ``ln_post`` after pooling (``final_ln_after_pool``),
+    then ``@ proj``. Its attentional pooler and ``pool_type='none'`` are named, not described."""
+    if getattr(visual, "attn_pool", None) is not None:
+        pool = "attn_pool (open_clip's attentional pooler)"
+    else:
+        pool = {"tok": "token", "avg": "mean"}.get(visual.pool_type, f"pool_type={visual.pool_type!r}")
+    return Readout(pool=pool, norm="visual.ln_post", projection="visual.proj" if visual.proj is not None else None,
+                   norm_after_pool=bool(visual.final_ln_after_pool))
+
+
+def _attention_heads(tower: nn.Module, blocks: tuple[str, ...]) -> dict[str, AttentionHeads]:
+    """``{attention site: AttentionHeads}`` for the transformer blocks of ``tower`` (block sites ``blocks``)
+    whose attention is an ``nn.MultiheadAttention`` without extra key/value biases (open_clip's
+    ``ResidualAttentionBlock``, either batch layout); its MLP starts at ``ln_2``."""
+    resblocks = getattr(getattr(tower, "transformer", None), "resblocks", None) or ()  # none in a ResNet
+    heads = {}
+    for name, block in zip(blocks, resblocks):
+        attn = getattr(block, "attn", None)
+        if isinstance(attn, nn.MultiheadAttention) and attn.bias_k is None and not attn.add_zero_attn \
+                and isinstance(getattr(block, "ln_2", None), nn.Module):
+            heads[f"{name}.attn"] = AttentionHeads(f"{name}.attn", name, f"{name}.ln_2", attn.num_heads,
+                                                   multihead_attention, output_projection)
+    return heads
 
 
 def _transformer_blocks(tower: nn.Module, site_prefix: str) -> tuple[str, ...]:

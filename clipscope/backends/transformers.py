@@ -15,18 +15,19 @@ not take: the image is then resized to the model's input size (its whole content
 """
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from .. import hub
-from ..hooks import Tower
+from ..hooks import AttentionHeads, Tower
 from ..validate import InvalidArgumentError
-from . import Architecture, LoadedModel, relu_paths
+from . import Architecture, LoadedModel, Readout, relu_paths
+from .attention import clip_attention, output_projection
 
 #: Files a transformers CLIP repository must provide (alternatives in order of preference).
 REQUIRED_FILES = (["config.json"], ["model.safetensors", "pytorch_model.bin"], ["preprocessor_config.json"],
@@ -72,15 +73,17 @@ class TransformersCLIP(nn.Module):
         return self.text(input_ids)
 
 
-def preprocess_from_config(path: str | os.PathLike, input_size: int):
+def preprocess_from_config(path: str | os.PathLike, input_size: int, cfg: Mapping[str, Any] | None = None):
     """Return ``(transform, (height, width), mean, std)`` for a ``preprocessor_config.json``.
 
     ``transform`` maps a PIL image to a normalized float tensor ``(3, height, width)``; ``input_size``
-    is the model's input side (the vision config's ``image_size``), used when no crop fixes the size.
-    Raises :class:`~clipscope.hub.CheckpointError` naming the file for a resample code PIL does not have.
+    is the model's input side (the vision config's ``image_size``), used when no crop fixes the size;
+    ``cfg`` is the file's content where it was read already (``path`` then only names it in errors).
+    Raises :class:`~clipscope.hub.CheckpointError` naming the file for a file that is not a JSON object
+    or a resample code PIL does not have.
     """
     from torchvision import transforms as T
-    cfg = json.loads(Path(path).read_text(encoding="utf-8"))
+    cfg = hub.read_json_object(path) if cfg is None else cfg
     code = cfg.get("resample", 3)
     if code not in RESAMPLE:
         raise hub.CheckpointError(f"Cannot load {str(path)!r}: resample={code!r} is not a PIL resample code "
@@ -120,22 +123,16 @@ def _model_folder(name: str) -> Path:
     return Path(files["config.json"]).parent
 
 
-def _check_folder(folder: Path) -> None:
-    """Raise :class:`~clipscope.hub.CheckpointError` unless ``folder`` holds every required file, with
-    readable JSON configs."""
+def _check_folder(folder: Path) -> dict[str, Any]:
+    """Return the content of ``folder``'s ``preprocessor_config.json``; raise
+    :class:`~clipscope.hub.CheckpointError` unless ``folder`` holds every required file, with readable JSON
+    configs."""
     missing = [" or ".join(group) for group in REQUIRED_FILES if not any((folder / f).is_file() for f in group)]
     if missing:
         raise hub.CheckpointError(f"Cannot load {str(folder)!r}: the folder has no {'; no '.join(missing)} "
                                   "(a transformers CLIP folder needs all of them).")
-    for config in ("config.json", "preprocessor_config.json"):
-        path = folder / config
-        try:
-            ok = isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
-        except (ValueError, OSError) as exc:
-            raise hub.CheckpointError(f"Cannot load {str(path)!r}: not valid JSON ({hub.describe_error(exc)}).") \
-                from None
-        if not ok:
-            raise hub.CheckpointError(f"Cannot load {str(path)!r}: it does not hold a JSON object.")
+    hub.read_json_object(folder / "config.json")
+    return hub.read_json_object(folder / "preprocessor_config.json")
 
 
 def _load_clip(folder: Path) -> nn.Module:
@@ -178,7 +175,7 @@ def load(name: str, pretrained: str | None, device: torch.device, dtype: torch.d
     except ImportError:
         raise ImportError("'hf:' models need transformers: pip install 'clipscope-toolkit[hf]'") from None
     folder = _model_folder(name)
-    _check_folder(folder)
+    preprocessor_config = _check_folder(folder)
     clip = _load_clip(folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -187,7 +184,7 @@ def load(name: str, pretrained: str | None, device: torch.device, dtype: torch.d
                                   f"{hub.describe_error(exc)}.") from None
     context = clip.config.text_config.max_position_embeddings
     preprocess, size, mean, std = preprocess_from_config(folder / "preprocessor_config.json",
-                                                         clip.config.vision_config.image_size)
+                                                         clip.config.vision_config.image_size, preprocessor_config)
     model = TransformersCLIP(clip).to(device, dtype)
 
     def tokenize(texts):
@@ -214,4 +211,16 @@ def architecture(model: TransformersCLIP) -> Architecture:
     return Architecture(blocks=blocks, prefix_tokens=int(embeddings.num_positions - side * side),
                         patch_grid=(side, side),
                         attention={tower: tuple(f"{b}.self_attn" for b in names) for tower, names in blocks.items()},
-                        redirectable=relu_paths(model, "clip.vision_model"))
+                        redirectable=relu_paths(model, "clip.vision_model"),
+                        readout=Readout(pool="token", norm="clip.vision_model.post_layernorm",
+                                        projection="clip.visual_projection.weight", norm_after_pool=True,
+                                        projection_transposed=True),
+                        heads={**_attention_heads(vision, blocks["visual"]), **_attention_heads(text, blocks["text"])})
+
+
+def _attention_heads(tower: nn.Module, blocks: tuple[str, ...]) -> dict[str, AttentionHeads]:
+    """``{attention site: AttentionHeads}`` for the encoder layers of ``tower`` (block sites ``blocks``):
+    ``self_attn`` (``CLIPAttention``: eager, sdpa, flash) and ``layer_norm2`` before the MLP."""
+    return {f"{name}.self_attn": AttentionHeads(f"{name}.self_attn", name, f"{name}.layer_norm2",
+                                                layer.self_attn.num_heads, clip_attention, output_projection)
+            for name, layer in zip(blocks, tower.encoder.layers)}

@@ -2,8 +2,8 @@
 
 :func:`dataset_examples` makes ONE streaming pass over an image source and keeps, for every
 requested unit of every requested site at once, the ``k`` images with the highest and the ``k``
-with the lowest per-unit value (the mean over positions, as :func:`~clipscope.hooks.unit_means`
-reads it), plus where in the image the unit fired: the spatial ``(y, x)`` cell (``conv``) or the
+with the lowest per-unit value (:meth:`~clipscope.ClipModel.unit_values`: the mean over positions,
+tokens pooled as ``model.token_pool`` says), plus where in the image the unit fired: the spatial ``(y, x)`` cell (``conv``) or the
 token index (``tokens``) of the maximum of the unit's activation map for top examples, of the
 minimum for bottom examples. Nothing but the running top/bottom ``k`` is kept: each batch's
 values are merged into the running lists with one sort per batch.
@@ -11,7 +11,7 @@ values are merged into the running lists with one sort per batch.
 Ties are broken by order in the source (earlier images first), so results do not depend on the
 batch size or on interruptions. With ``cache_dir`` the running state of each site is written
 atomically every ``checkpoint_every`` batches (and when the run is interrupted); a later call with
-the same model, data set, site, ``k`` and units resumes where it stopped and returns the same
+the same model, data set, site, ``k``, units and token pool resumes where it stopped and returns the same
 result. Layouts are handled by the hooks layer (:func:`~clipscope.hooks.feature_last`), so this
 module has no per-architecture code.
 """
@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -35,9 +35,7 @@ from ..data import (ImageLoadError, iter_images, list_image_files, load_image, p
                     source_length)
 from ..hooks import feature_last, site_names
 from ..io import write_bytes_atomic
-
-if TYPE_CHECKING:
-    from tqdm import tqdm
+from ..progress import ManualBar, manual_bar
 
 CACHE_VERSION = 1
 
@@ -254,8 +252,10 @@ def _load_keys(source: Any, keys: list[Any], mean, std) -> dict[Any, Any]:
 # Fingerprints and the cache
 
 
-def cache_key(model_id: str, fingerprint: str, site: str, k: int, units: Sequence[int] | None) -> str:
-    raw = json.dumps([CACHE_VERSION, model_id, fingerprint, site, k, None if units is None else list(units)])
+def cache_key(model_id: str, fingerprint: str, site: str, k: int, units: Sequence[int] | None,
+              token_pool: str = "patches") -> str:
+    """The cache file stem of one site's mining state: a hash of everything the mined examples depend on."""
+    raw = json.dumps([CACHE_VERSION, model_id, fingerprint, site, k, None if units is None else list(units), token_pool])
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
@@ -316,22 +316,26 @@ class _Running:
         return True
 
     # merging -----------------------------------------------------------------------------
-    def update(self, acts: torch.Tensor, positions: torch.Tensor, keys: list[Any]) -> None:
-        """Merge a batch: ``acts`` in canonical layout, ``positions`` the source position of each row."""
+    def update(self, acts: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, keys: list[Any]) -> None:
+        """Merge a batch: ``acts`` in canonical layout, ``values`` every unit's value per row ``(B, n_units)``
+        (``model.unit_values``: what the examples are ranked by), ``positions`` the source position of each row."""
         view = feature_last(acts, self.site.layout)
         if self.index is not None:
-            view = view.index_select(-1, self.index)
+            view, values = view.index_select(-1, self.index), values.index_select(-1, self.index)
         flat = view.reshape(view.shape[0], -1, view.shape[-1]).float()   # (B, P, U); P = 1 for vectors
+        means = values.float()                                            # (B, U)
         keep = positions >= self.consumed
         if not bool(keep.all()):           # rows this site already has (it was further along)
-            flat, positions = flat[keep], positions[keep]
+            flat, means, positions = flat[keep], means[keep], positions[keep]
             keys = [k for k, ok in zip(keys, keep.tolist()) if ok]
         if flat.shape[0] == 0:
             return
-        means = flat.mean(dim=1)                                          # (B, U), as unit_means reads it
+        # peaks over a contiguous last axis: the same first-occurrence indices as over the strided axis 1
+        # of ``flat``, 3-14x faster (a reduction over a strided axis is not vectorized on CPUs)
+        maps = flat.transpose(1, 2).contiguous()                          # (B, U, P)
         pos = positions.to(means.device).unsqueeze(1).expand_as(means)
-        self.top = self._merge(self.top, means, pos, flat.argmax(dim=1), descending=True)
-        self.bottom = self._merge(self.bottom, means, pos, flat.argmin(dim=1), descending=False)
+        self.top = self._merge(self.top, means, pos, maps.argmax(dim=-1), descending=True)
+        self.bottom = self._merge(self.bottom, means, pos, maps.argmin(dim=-1), descending=False)
         self.n_seen += flat.shape[0]
         for p, k in zip(positions.tolist(), keys):
             self.keys[p] = k
@@ -519,7 +523,8 @@ def _cache_paths(model, source: Any, names: list[str], chosen: dict[str, list[in
         warnings.warn("cannot fingerprint this data source without consuming it (a stream); "
                       "pass fingerprint= to cache it. Running without the cache.", stacklevel=3)
         return {}
-    return {name: Path(cache_dir) / f"examples_{cache_key(model.id, fp, name, k, chosen[name])}.pt" for name in names}
+    return {name: Path(cache_dir) / f"examples_{cache_key(model.id, fp, name, k, chosen[name], model.token_pool)}.pt"
+            for name in names}
 
 
 def _checkpoint(running: dict[str, _Running], paths: dict[str, Path]) -> None:
@@ -533,38 +538,31 @@ def _mine(model, source: Any, running: dict[str, _Running], todo: list[str], pat
           batch_size: int, progress: bool | None, checkpoint_every: int) -> None:
     """Stream ``source`` into the running state of the ``todo`` sites, checkpointing to ``paths``; marks them done."""
     start = min(running[n].consumed for n in todo)
-    bar = _progress_bar(source, start, batch_size, progress)
     n_batches = 0
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _progress_bar(source, start, batch_size, progress) as bar:
             for x, positions, keys, skipped, consumed in prefetch(_batches(model, source, start, batch_size)):
                 _merge_batch(model, running, todo, x, positions, keys, skipped, consumed)
                 n_batches += 1
-                if bar is not None:
-                    bar.update(len(keys) + len(skipped))
+                bar.update(len(keys) + len(skipped))
                 if paths and n_batches % checkpoint_every == 0:
                     _checkpoint(running, paths)
     except BaseException:
         if paths:
             _checkpoint(running, paths)          # every state is at a batch boundary: safe to resume from
         raise
-    finally:
-        if bar is not None:
-            bar.close()
     for name in todo:
         running[name].done = True
     if paths:
         _checkpoint(running, paths)
 
 
-def _progress_bar(source: Any, start: int, batch_size: int, progress: bool | None) -> tqdm | None:
-    """The mining pass's progress bar from source item ``start`` on; returns a tqdm bar, or ``None`` when hidden."""
+def _progress_bar(source: Any, start: int, batch_size: int, progress: bool | None) -> ManualBar:
+    """The mining pass's progress bar from source item ``start`` on; by default shown when more than one
+    batch is left (or the length is unknown)."""
     total = source_length(source)
-    show = (total is None or total - start > batch_size) if progress is None else progress
-    if not show:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=None if total is None else total - start, desc="dataset examples", leave=False)
+    left = None if total is None else total - start
+    return manual_bar(progress, left is None or left > batch_size, "dataset examples", total=left)
 
 
 def _merge_batch(model, running: dict[str, _Running], todo: list[str], x: torch.Tensor | None,
@@ -574,7 +572,7 @@ def _merge_batch(model, running: dict[str, _Running], todo: list[str], x: torch.
         # one batch at a time, the tower run only as far as the deepest site mined
         acts = model.activations(x, todo)
         for name in todo:
-            running[name].update(acts[name], positions, keys)
+            running[name].update(acts[name], model.unit_values(name, acts), positions, keys)
         del acts
     for name in todo:
         run = running[name]

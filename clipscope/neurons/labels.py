@@ -22,12 +22,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..hooks import unit_means
 from ..prompts import resolve_templates
 from ..validate import InvalidArgumentError, check_choice, check_int, check_names, check_number
 
 METHODS = ("soft_wpmi", "cos_cubed")
-POOLINGS = ("reference", "mean")
+POOLINGS = ("reference", "model")
 BARE = "{}"  # the concept word itself as the text, as CLIP-Dissect embeds concepts
 
 
@@ -118,18 +117,19 @@ class UnitLabels:
                 + self.to_frame().head(30).to_html(float_format=lambda v: f"{v:.3f}"))
 
 
-def pooled(acts: torch.Tensor, layout: str, pooling: str = "reference", *, class_token: bool = True) -> torch.Tensor:
-    """Every unit's activation per image, ``(B, n_units)``, from canonical ``acts`` of a site with ``layout``.
+def pooled(model, site: str, acts: torch.Tensor, pooling: str = "reference") -> torch.Tensor:
+    """Every unit's activation per image, ``(B, n_units)``, from ``model``'s canonical ``acts`` at ``site``.
 
     ``"reference"`` pools as CLIP-Dissect's reference code does (``utils.get_activation``, mode
     ``avg``, in github.com/Trustworthy-ML-Lab/CLIP-dissect): the spatial mean of a conv map, the
-    first token of a token sequence (a CLIP ViT's class token; the mean over tokens when
-    ``class_token`` is false, a tower without one), a vector as it is. ``"mean"`` is the mean over
-    all positions or tokens (:func:`clipscope.hooks.unit_means`, how units are read elsewhere).
+    first token of an image-tower token sequence (a CLIP ViT's class token; as ``"model"`` for a
+    tower without one), a vector as it is. ``"model"`` reads units as everything else in clipscope
+    does (:meth:`~clipscope.ClipModel.unit_values`, tokens pooled as ``model.token_pool`` says).
     """
-    if pooling == "reference" and layout == "tokens" and class_token:
+    info = model.site(site)
+    if pooling == "reference" and info.layout == "tokens" and info.tower == "visual" and model.prefix_tokens > 0:
         return acts[:, 0]
-    return unit_means(acts, layout)
+    return model.unit_values(site, acts)
 
 
 def _check_label_args(model, site: str, concepts: Any, units: Any, method: str, pooling: str):
@@ -161,7 +161,7 @@ def label_units(model, site: str, probe_images, concepts: Sequence[str], *, unit
     of a conv map), and the score is SoftWPMI, the reference's default similarity. ``templates=None``
     embeds concepts with the model's default prompt templates (clipscope's default before; on the
     organism it changes the top label of most units), a list or set name as in
-    :meth:`~clipscope.ClipModel.class_embeddings`. ``pooling="mean"`` averages over all positions/tokens.
+    :meth:`~clipscope.ClipModel.class_embeddings`. ``pooling="model"`` reads units as the rest of clipscope does (``model.token_pool``).
 
     ``probe_images``: anything ``model.embed`` takes (PIL images, paths, a folder, a ``datasets``
     table); unreadable images are skipped and listed in the result's ``skipped``.
@@ -179,7 +179,7 @@ def label_units(model, site: str, probe_images, concepts: Sequence[str], *, unit
         raise InvalidArgumentError("probe_images", probe_images,
                                    f"at least two readable images ({len(embedded.keys)} read, "
                                    f"{len(embedded.skipped)} unreadable)")
-    A = pooled(acts[site], s.layout, pooling, class_token=model.prefix_tokens > 0).float().cpu()
+    A = pooled(model, site, acts[site], pooling).float().cpu()
     P = embedded.embeddings @ model.class_embeddings(concepts, templates).float().cpu().T  # cosine similarities
     if method == "soft_wpmi":
         scores = soft_wpmi(P, A, top_k=top_k, a=a, lam=lam)   # prior over all units of the site

@@ -4,7 +4,7 @@
 tokenizer's own vocabulary (no extra download). :func:`word_responses` renders each
 word as text on a white image (several fonts, sizes and positions, seeded), encodes
 the images while capturing activation sites and averages, per word, every unit's mean
-activation (over positions/tokens, via :func:`clipscope.hooks.unit_means`).
+activation (over positions, tokens pooled as ``model.token_pool`` says: :meth:`clipscope.ClipModel.unit_values`).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..hooks import Unit, site_names, unit_means
+from ..hooks import Unit, site_names
 from ..progress import progress_bar
 
 #: Common English suffixes / word-final fragments. Word-final BPE tokens include these
@@ -221,7 +221,7 @@ def word_responses(model, sites: str | Sequence[str], words: Sequence[str] | Non
         with torch.no_grad(), model.capture(names) as acts:
             model.encode_image(images, batch_size=len(images), progress=False)
         for s in resolved:
-            means = unit_means(acts[s.name], s.layout).double().cpu()
+            means = model.unit_values(s.name, acts).double().cpu()
             sums[s.name][start:start + len(chunk)] = means.view(len(chunk), n_variants, -1).mean(dim=1)
     return WordResponses(words, {k: v.float().numpy() for k, v in sums.items()}, n_variants, fonts, sizes, seed,
                          model=getattr(model, "id", ""))

@@ -60,7 +60,7 @@ class Context:
 
     def read(self, unit: Unit) -> torch.Tensor:
         """``unit``'s value per batch element ``(B,)``, in the site's own units."""
-        return unit.read(self.acts[unit.site], self.layout(unit.site))
+        return self.model.read(unit, self.acts[unit.site])
 
     def element(self, i: int) -> Context:
         """A one-element context holding batch element ``i`` (views; gradients flow back)."""
@@ -183,19 +183,20 @@ def unit_label(u: Unit) -> str:
 
 
 def unit(u: Unit) -> Objective:
-    """Maximize ``u``'s activation (:meth:`~clipscope.hooks.Unit.read`: mean over positions/tokens unless one is given)."""
+    """Maximize ``u``'s activation (:meth:`~clipscope.ClipModel.read`: the mean over positions, tokens pooled as
+    ``model.token_pool`` says, unless a token or position is given)."""
     return Objective(lambda ctx: ctx.read(u), unit_label(u), units=[u])
 
 
 def channel(site: str, index: int, position: tuple[int, int] | None = None) -> Objective:
-    """Maximize channel/feature ``index`` of ``site``, averaged over positions and tokens (or at ``position``)."""
+    """Maximize channel/feature ``index`` of ``site``, read as :func:`unit` reads it (or at ``position``)."""
     return unit(Unit.channel(site, index, position))
 
 
 def neuron(site: str, index: int, *, token: int | None = None, position: tuple[int, int] | None = None) -> Objective:
     """Maximize feature ``index`` at one ``token`` (token sites) or one ``(y, x)`` ``position`` (conv sites).
 
-    With neither given, the mean over all tokens/positions (the same as :func:`channel`).
+    With neither given, the same as :func:`channel`.
     """
     return unit(Unit(site, index=index, token=token, position=position))
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from ..hooks import Unit, unit_means
+from ..hooks import Unit
 from ..validate import InvalidArgumentError, check_int, check_names, check_number
 from .render import TextStyle, render_text
 
@@ -167,7 +167,7 @@ def find_text_units(model, site: str, images: Sequence[Image.Image], words: Sequ
     for name, batch in (("clean", list(images)), ("text", with_text)):
         with model.capture(site) as acts:
             model.encode_image(batch, progress=False)
-        values[name] = unit_means(acts[site], info.layout)
+        values[name] = model.unit_values(site, acts)
     diff = values["text"].mean(0) - values["clean"].mean(0)
     pooled = torch.sqrt((values["text"].var(0) + values["clean"].var(0)) / 2).clamp_min(1e-6)
     d = diff / pooled

@@ -1,0 +1,411 @@
+"""Head-level sites of transformer blocks: attention patterns, per-head values and outputs, the residual
+stream, and head units (capture, read, zero-, mean-ablation and patching), on open_clip and transformers.
+
+Known answers throughout: the explicit attention must equal the fused kernel it replaces; the heads'
+results plus the output bias must sum to the attention output; the residual aliases must differ by the
+attention and MLP outputs; ablated and patched values are checked against hand computations.
+Tolerance: the contract's 1e-5 (fp32). Measured on CPU: explicit vs fused at most 6e-7 (tiny ViT
+embeddings; 0 for open_clip's attention outputs, whose fused path does the same arithmetic; 4e-7 on a
+random ViT-B/32 in transformers); a converted random ViT-B/32 vs its open_clip original 2.4e-6 (image)
+and 3.2e-6 (text) on unnormalized embeddings of size up to 3, the same patterns and head results (every
+block runs the same explicit code on both sides).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import clipscope
+from clipscope import Unit
+from clipscope.backends.convert import open_clip_to_transformers, write_tokenizer
+from clipscope.validate import InvalidArgumentError
+
+from .conftest import DEVICE, PRECISION
+
+pytestmark = pytest.mark.skipif(PRECISION != "fp32", reason="equivalences to 1e-5 hold in fp32 only")
+ATOL = 1e-5
+
+
+def _images(model, n: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, *model.image_size, generator=generator).to(model.device)
+
+
+def _module(model, site: str) -> torch.nn.Module:
+    return model.model.get_submodule(model.site(site).module)
+
+
+def _fused_and_explicit(model, site: str, forward) -> tuple[torch.Tensor, torch.Tensor]:
+    """``site``'s activation from ``forward()`` run as the model runs it, and with its attention explicit."""
+    with torch.no_grad():
+        with model.capture(site) as fused:
+            forward()
+        with model.capture([site, f"{site}.pattern"]) as explicit:
+            forward()
+    return fused[site], explicit[site]
+
+
+@pytest.fixture(scope="module")
+def hf_vit(tmp_path_factory):
+    """A random transformers CLIP (2 vision layers, 2 text layers, 2 heads) loaded as ``hf:/folder``."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("hf-heads")
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=49406,
+                         eos_token_id=49407, pad_token_id=49407),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    transformers.CLIPModel(config).save_pretrained(folder, safe_serialization=True)
+    write_tokenizer(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": {"height": 32, "width": 32}, "size": {"shortest_edge": 32}, "do_center_crop": True,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25], "resample": 3}))
+    return clipscope.load(f"hf:{folder}", device=DEVICE, precision=PRECISION)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sites
+
+
+def test_every_transformer_block_lists_head_sites_and_residual_aliases_with_their_shapes(tiny_vit, hf_vit):
+    for model in (tiny_vit, hf_vit):
+        for tower in ("visual", "text"):
+            heads = model.head_count(tower)
+            assert heads == 2
+            for block, attention in zip(model.blocks(tower), model.attention_sites(tower)):
+                length, width = model.site(attention).shape
+                assert model.site(f"{attention}.pattern").shape == (heads, length, length)
+                assert model.site(f"{attention}.pattern").layout == "pattern"
+                for kind, features in (("v", width // heads), ("z", width // heads), ("result", width)):
+                    site = model.site(f"{attention}.{kind}")
+                    assert (site.layout, site.shape) == ("heads", (length, heads, features))
+                for alias in ("resid_pre", "resid_mid", "resid_post"):
+                    site = model.site(f"{block}.{alias}")
+                    assert (site.layout, site.shape) == ("tokens", (length, width))
+
+
+def test_a_resnet_has_no_heads(tiny_rn):
+    assert tiny_rn.head_count("visual") == 0
+    assert not tiny_rn.layers().filter(tower="visual", layout="pattern")
+    with pytest.raises(InvalidArgumentError, match="head-level sites"):
+        tiny_rn.output_projection("visual.attnpool")
+
+
+# ---------------------------------------------------------------------------------------------
+# Explicit attention equals the fused one
+
+
+def test_explicit_attention_equals_the_fused_one_in_the_open_clip_image_tower(tiny_vit):
+    x = _images(tiny_vit, 3, seed=1)
+    for attention in tiny_vit.attention_sites("visual"):
+        fused, explicit = _fused_and_explicit(tiny_vit, attention, lambda: tiny_vit.encode_image(x))
+        assert torch.allclose(fused, explicit, atol=ATOL)
+    with torch.no_grad():
+        plain = tiny_vit.encode_image(x)
+        with tiny_vit.capture([f"{a}.result" for a in tiny_vit.attention_sites("visual")]):
+            explicit = tiny_vit.encode_image(x)
+    assert torch.allclose(plain, explicit, atol=ATOL)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal-mask", "no-mask"])
+def test_explicit_attention_equals_the_fused_one_in_the_open_clip_text_tower(tiny_vit, causal):
+    clip = tiny_vit.model
+    tokens = tiny_vit.tokenize(["a photo of a red circle", "word"])
+    x = clip.token_embedding(tokens) + clip.positional_embedding
+    mask = clip.attn_mask if causal else None
+    attention = tiny_vit.attention_sites("text")[0]
+    fused, explicit = _fused_and_explicit(tiny_vit, attention, lambda: clip.transformer(x, attn_mask=mask))
+    assert torch.allclose(fused, explicit, atol=ATOL)
+    with torch.no_grad(), tiny_vit.capture(f"{attention}.pattern") as acts:
+        clip.transformer(x, attn_mask=mask)
+    above_diagonal = torch.ones(16, 16, dtype=torch.bool).triu(1)
+    assert bool((acts[f"{attention}.pattern"][..., above_diagonal] == 0).all()) == causal
+
+
+def test_the_text_tower_through_the_model_api_is_causal_and_unchanged(tiny_vit):
+    texts = ["a photo of a red circle", "word"]
+    attention = tiny_vit.attention_sites("text")[0]
+    plain = tiny_vit.encode_text(texts, normalize=False)
+    with tiny_vit.capture(f"{attention}.pattern") as acts:
+        explicit = tiny_vit.encode_text(texts, normalize=False)
+    assert torch.allclose(plain, explicit, atol=ATOL)
+    pattern = acts[f"{attention}.pattern"]
+    assert torch.allclose(pattern.sum(-1), torch.ones(2, 2, 16), atol=ATOL)  # rows of a softmax
+    assert (pattern.triu(1) == 0).all()
+
+
+def test_sequence_first_open_clip_blocks_give_the_same_head_sites(tiny_vit):
+    """open_clip 3.3's ``Transformer(batch_first=False)`` path (no model config selects it any more, so the
+    flags of a fresh copy are flipped): the same weights give the same per-head tensors, batch first."""
+    seq_first = clipscope.load("clipscope-tiny-vit", device=DEVICE, precision=PRECISION)
+    seq_first.model.load_state_dict(tiny_vit.model.state_dict())
+    transformer = seq_first.model.visual.transformer
+    transformer.batch_first = False
+    for block in transformer.resblocks:
+        block.attn.batch_first = False
+    attention = seq_first.attention_sites("visual")[1]
+    assert seq_first.site(attention).seq_first
+    x = _images(tiny_vit, 2, seed=2)
+    fused, explicit = _fused_and_explicit(seq_first, attention, lambda: seq_first.encode_image(x))
+    assert torch.allclose(fused, explicit, atol=ATOL)
+    sites = [f"{attention}.{kind}" for kind in ("pattern", "v", "z", "result")]
+    with torch.no_grad(), seq_first.capture(sites) as theirs, tiny_vit.capture(sites) as ours:
+        seq_first.encode_image(x)
+        tiny_vit.encode_image(x)
+    for site in sites:
+        assert torch.allclose(theirs[site], ours[site], atol=ATOL), site
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_explicit_attention_equals_the_fused_one_in_transformers(hf_vit, implementation):
+    clip = hf_vit.model.clip
+    before = clip.config._attn_implementation
+    clip.set_attn_implementation(implementation)
+    try:
+        x = _images(hf_vit, 2, seed=3)
+        for attention in hf_vit.attention_sites("visual"):
+            fused, explicit = _fused_and_explicit(hf_vit, attention, lambda: hf_vit.encode_image(x))
+            assert torch.allclose(fused, explicit, atol=ATOL)
+        ids = hf_vit.tokenize(["a photo of a red circle", "word"])
+        padding = (torch.arange(16) < torch.tensor([[8], [3]])).long()  # the tokenizer's lengths
+        for mask in (None, padding):
+            for attention in hf_vit.attention_sites("text"):
+                fused, explicit = _fused_and_explicit(
+                    hf_vit, attention, lambda: clip.get_text_features(input_ids=ids, attention_mask=mask))
+                valid = slice(None) if mask is None else padding.bool()  # padded queries see nothing real
+                assert torch.allclose(fused[valid], explicit[valid], atol=ATOL)
+    finally:
+        clip.set_attn_implementation(before)
+
+
+def test_no_head_site_no_explicit_attention(tiny_vit):
+    """The fused module runs unless a head-level site is in use, and is back when the last use ends."""
+    attention = tiny_vit.attention_sites("visual")[0]
+    module = _module(tiny_vit, attention)
+    with tiny_vit.capture([attention, tiny_vit.blocks()[0] + ".resid_mid"]):
+        assert "forward" not in vars(module)
+    with tiny_vit.ablate(Unit.head(f"{attention}.z", 0)):
+        with tiny_vit.capture(f"{attention}.pattern"):
+            assert "forward" in vars(module)
+        assert "forward" in vars(module)
+    assert "forward" not in vars(module)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sums that must hold
+
+
+@pytest.mark.parametrize("which", ["open_clip", "transformers"])
+def test_head_results_sum_to_the_attention_output_and_z_projects_to_them(tiny_vit, hf_vit, which):
+    model = tiny_vit if which == "open_clip" else hf_vit
+    x = _images(model, 2, seed=4)
+    for attention in model.attention_sites("visual"):
+        with torch.no_grad():
+            with model.capture(attention) as fused:
+                model.encode_image(x)
+            with model.capture([f"{attention}.z", f"{attention}.result"]) as heads:
+                model.encode_image(x)
+        weight, bias = model.output_projection(attention)
+        result = heads[f"{attention}.result"]
+        assert torch.allclose(result.sum(dim=-2) + bias, fused[attention], atol=ATOL)
+        assert torch.allclose(torch.einsum("blhd,hde->blhe", heads[f"{attention}.z"], weight), result, atol=ATOL)
+
+
+@pytest.mark.parametrize("which", ["open_clip", "transformers"])
+def test_the_residual_stream_aliases_differ_by_the_attention_and_the_mlp(tiny_vit, hf_vit, which):
+    model = tiny_vit if which == "open_clip" else hf_vit  # tiny_vit has no layer scale (ls_1 is the identity)
+    block, attention = model.blocks()[1], model.attention_sites()[1]
+    mlp = next(n for n in model.layers().names() if n == f"{block}.mlp")
+    names = [f"{block}.resid_pre", f"{block}.resid_mid", f"{block}.resid_post", attention, mlp]
+    with torch.no_grad(), model.capture(names) as acts:
+        model.encode_image(_images(model, 2, seed=5))
+    pre, mid, post, attn_out, mlp_out = (acts[n] for n in names)
+    assert torch.allclose(mid - pre, attn_out, atol=ATOL)
+    assert torch.allclose(post - mid, mlp_out, atol=ATOL)
+    assert torch.equal(post, acts[f"{block}.resid_post"]) and post.shape == pre.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# Head units
+
+
+def test_a_head_unit_reads_the_norm_of_the_heads_vector(tiny_vit):
+    site = tiny_vit.attention_sites()[0] + ".result"
+    with torch.no_grad(), tiny_vit.capture(site) as acts:
+        tiny_vit.encode_image(_images(tiny_vit, 2, seed=6))
+    norms = acts[site][:, :, 1].norm(dim=-1)  # (B, L)
+    assert torch.allclose(tiny_vit.read(Unit.head(site, 1), acts), norms.mean(dim=1))
+    assert torch.allclose(tiny_vit.read(Unit.head(site, 1, token=0), acts), norms[:, 0])
+    assert torch.equal(tiny_vit.read(Unit.head(site, 1, token=3, index=5), acts), acts[site][:, 3, 1, 5])
+
+
+def test_zero_ablating_every_head_leaves_only_the_output_bias(tiny_vit):
+    """With every head's result zeroed the attention writes its output bias alone: the same embeddings as
+    replacing the fused attention output by that bias with a plain torch hook."""
+    attention = tiny_vit.attention_sites()[1]
+    _, bias = tiny_vit.output_projection(attention)
+    x = _images(tiny_vit, 2, seed=7)
+    heads = [Unit.head(f"{attention}.result", h) for h in range(tiny_vit.head_count())]
+    with torch.no_grad(), tiny_vit.ablate(heads):
+        ablated = tiny_vit.encode_image(x)
+    handle = _module(tiny_vit, attention).register_forward_hook(
+        lambda _m, _inp, out: (bias.expand_as(out[0]).clone(),) + tuple(out[1:]))
+    try:
+        with torch.no_grad():
+            by_hand = tiny_vit.encode_image(x)
+    finally:
+        handle.remove()
+    assert torch.allclose(ablated, by_hand, atol=ATOL)
+    assert not torch.allclose(ablated, tiny_vit.encode_image(x), atol=1e-3)
+
+
+def test_mean_ablation_sets_a_head_to_its_mean_over_a_reference_set(tiny_vit):
+    attention = tiny_vit.attention_sites()[1]
+    z_site = f"{attention}.z"
+    reference, x = _images(tiny_vit, 5, seed=8), _images(tiny_vit, 2, seed=9)
+    means = tiny_vit.mean_activations(reference, z_site, batch_size=2)
+    with torch.no_grad(), tiny_vit.capture(z_site) as ref_acts:
+        tiny_vit.encode_image(reference)
+    assert torch.allclose(means[z_site], ref_acts[z_site].mean(dim=0), atol=1e-6)
+    with torch.no_grad():
+        with tiny_vit.capture(z_site) as clean:
+            tiny_vit.encode_image(x)
+        with tiny_vit.ablate(Unit.head(z_site, 1), value=means), tiny_vit.capture([z_site, attention]) as acts:
+            tiny_vit.encode_image(x)
+    z = acts[z_site]
+    assert torch.equal(z[:, :, 1], means[z_site][:, 1].expand_as(z[:, :, 1]))
+    assert torch.equal(z[:, :, 0], clean[z_site][:, :, 0])
+    weight, bias = tiny_vit.output_projection(attention)  # the attention output, by hand, from the edited z
+    expected = clean[z_site][:, :, 0] @ weight[0] + means[z_site][:, 1] @ weight[1] + bias
+    assert torch.allclose(acts[attention], expected, atol=ATOL)
+
+
+def test_patching_a_head_from_another_image_changes_exactly_that_heads_result(tiny_vit):
+    blocks = tiny_vit.attention_sites()
+    site, earlier = f"{blocks[1]}.result", f"{blocks[0]}.result"
+    x, y = _images(tiny_vit, 2, seed=10), _images(tiny_vit, 2, seed=11)
+    with torch.no_grad():
+        with tiny_vit.capture([site, earlier]) as source:
+            tiny_vit.encode_image(x)
+        with tiny_vit.capture([site, earlier]) as target:
+            tiny_vit.encode_image(y)
+        with tiny_vit.ablate(Unit.head(site, 0), value=source), tiny_vit.capture([site, earlier]) as patched:
+            tiny_vit.encode_image(y)
+    assert torch.equal(patched[site][:, :, 0], source[site][:, :, 0])
+    assert torch.equal(patched[site][:, :, 1], target[site][:, :, 1])
+    assert torch.equal(patched[earlier], target[earlier])
+
+
+def test_a_patch_source_must_match_the_batch(tiny_vit):
+    site = tiny_vit.attention_sites()[0] + ".z"
+    with torch.no_grad(), tiny_vit.capture(site) as source:
+        tiny_vit.encode_image(_images(tiny_vit, 3, seed=12))
+    with pytest.raises(InvalidArgumentError, match="a batch of 2"), tiny_vit.ablate(Unit.head(site, 0), value=source):
+        tiny_vit.encode_image(_images(tiny_vit, 2, seed=13))
+    with pytest.raises(InvalidArgumentError, match="one example's shape"):
+        with tiny_vit.ablate(Unit.head(site, 0), value={site: torch.zeros(5)}):
+            pass
+
+
+def test_head_unit_errors_name_the_value_and_the_valid_range(tiny_vit):
+    attention = tiny_vit.attention_sites()[0]
+    result = f"{attention}.result"
+    with pytest.raises(InvalidArgumentError, match=r"head=7 .*2 heads \(valid: 0\.\.1\)"):
+        tiny_vit.read(Unit.head(result, 7), torch.zeros(1, 17, 2, 32))
+    with pytest.raises(InvalidArgumentError, match=r"head=0 .*needs a head-level site.*'tokens'"):
+        tiny_vit.ablate(Unit.head(attention, 0)).__enter__()
+    with pytest.raises(InvalidArgumentError, match=r"head=None .*Unit\.head\(site, head\) \(valid heads: 0\.\.1\)"):
+        tiny_vit.ablate(Unit.neuron(result, 3)).__enter__()
+    with pytest.raises(InvalidArgumentError, match=r"index=32 .*32 features \(valid: 0\.\.31\)"):
+        tiny_vit.ablate(Unit.head(result, 0, index=32)).__enter__()
+    with pytest.raises(InvalidArgumentError, match=r"token=17 .*17 tokens"):
+        tiny_vit.ablate(Unit.head(f"{attention}.pattern", 0, token=17)).__enter__()
+    with pytest.raises(InvalidArgumentError, match="head"):
+        Unit.head(result, "first")
+
+
+# ---------------------------------------------------------------------------------------------
+# Same answers from both backends
+
+
+@pytest.mark.slow
+def test_a_converted_vit_b32_gives_the_same_embeddings_and_head_sites(tmp_path):
+    """A random ViT-B/32-shaped open_clip CLIP (224 px, patch 32, 12 + 12 layers, 12 + 8 heads) written with
+    open_clip_to_transformers loads as ``hf:/folder`` with the same embeddings, patterns and head results."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a random architecture says it is random
+        torch.manual_seed(0)
+        original = clipscope.load("ViT-B-32", device=DEVICE, precision=PRECISION)
+    converted = clipscope.load(f"hf:{open_clip_to_transformers(original.model, tmp_path / 'b32')}",
+                               device=DEVICE, precision=PRECISION)
+    x = _images(original, 2, seed=14)
+    texts = ["a photo of a cat", "a diagram"]
+    with torch.no_grad():
+        assert torch.allclose(original.encode_image(x), converted.encode_image(x), atol=ATOL)
+    assert torch.allclose(original.encode_text(texts), converted.encode_text(texts), atol=ATOL)
+    for tower in ("visual", "text"):
+        assert original.head_count(tower) == converted.head_count(tower)
+    pairs = list(zip(original.attention_sites(), converted.attention_sites()))[::5]
+    kinds = ("pattern", "z", "result")
+    with torch.no_grad(), original.capture([f"{a}.{k}" for a, _ in pairs for k in kinds]) as ours, \
+            converted.capture([f"{b}.{k}" for _, b in pairs for k in kinds]) as theirs:
+        original.encode_image(x)
+        converted.encode_image(x)
+    for a, b in pairs:
+        for kind in kinds:
+            assert torch.allclose(ours[f"{a}.{kind}"], theirs[f"{b}.{kind}"], atol=ATOL), (a, kind)
+
+
+def test_a_converted_state_dict_loads_with_the_same_embeddings(tiny_vit, tmp_path):
+    state = tiny_vit.model.state_dict()
+    with pytest.raises(InvalidArgumentError, match="heads=None"):
+        open_clip_to_transformers(state, tmp_path / "no-heads")
+    folder = open_clip_to_transformers(state, tmp_path / "tiny", heads=(2, 2))
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json"} <= \
+        {p.name for p in folder.iterdir()}
+    converted = clipscope.load(f"hf:{folder}", device=DEVICE, precision=PRECISION)
+    x = _images(tiny_vit, 2, seed=15)
+    with torch.no_grad():
+        assert torch.allclose(tiny_vit.encode_image(x), converted.encode_image(x), atol=ATOL)
+    texts = ["a photo of a red circle", "word"]
+    assert torch.allclose(tiny_vit.encode_text(texts), converted.encode_text(texts), atol=ATOL)
+
+
+def test_models_transformers_cannot_hold_are_refused_by_name(tiny_rn, tmp_path):
+    with pytest.raises(InvalidArgumentError, match="ViT image tower"):
+        open_clip_to_transformers(tiny_rn.model, tmp_path / "rn")
+    with pytest.raises(InvalidArgumentError, match=r"have no place there: visual\.bn1\.weight"):
+        open_clip_to_transformers(tiny_rn.model.state_dict(), tmp_path / "rn", heads=(2, 2))
+    assert not (tmp_path / "rn").exists()
+
+
+def test_head_sites_carry_gradients_to_the_image(tiny_vit):
+    """Objectives (feature visualization of a head) read head units with gradients through the explicit path."""
+    site = tiny_vit.attention_sites()[1] + ".result"
+    x = _images(tiny_vit, 2, seed=16).requires_grad_(True)
+    acts = tiny_vit.activations(x, site, grad=True)
+    tiny_vit.read(Unit.head(site, 1, token=0), acts).sum().backward()
+    assert x.grad is not None and bool(x.grad.abs().sum() > 0)
+
+
+def test_a_flash_attention_padding_mask_means_what_the_eager_mask_means(hf_vit):
+    """Flash attention hands CLIPAttention a (B, S) padding mask and is_causal; the explicit computation
+    must then equal its run on the full additive mask eager builds (itself checked against the fused
+    kernel above)."""
+    from clipscope.backends.attention import clip_attention
+    from clipscope.hooks import HeadPoints
+    module = _module(hf_vit, hf_vit.attention_sites("text")[0])
+    h = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(17))
+    padding = torch.arange(16) < torch.tensor([[8], [3]])
+    allowed = padding[:, None, None, :] & torch.ones(16, 16, dtype=torch.bool).tril()
+    full = torch.zeros(2, 1, 16, 16).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        flash, _ = clip_attention(module, HeadPoints(), h, attention_mask=padding.long(), is_causal=True)
+        eager, _ = clip_attention(module, HeadPoints(), h, attention_mask=full)
+    assert torch.allclose(flash, eager, atol=ATOL)
