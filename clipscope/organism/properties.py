@@ -1,14 +1,18 @@
-"""Measure the four planted properties of the clipscope model organism.
+"""Measure the four planted properties of the clipscope model organisms.
 
-Every function takes a :class:`clipscope.ClipModel` (``clipscope.load("organism")``),
-draws a fresh, seeded evaluation set from :mod:`clipscope.organism.scenes` (seeds distinct
-from training, which uses seed 0 by default), and returns a dataclass of numbers:
+Every function takes a :class:`clipscope.ClipModel` (``clipscope.load("organism")``, the ResNet,
+or ``clipscope.load("organism-vit")``, the ViT), draws a fresh, seeded evaluation set from
+:mod:`clipscope.organism.scenes` (seeds distinct from training, which uses seed 0 by default),
+and returns a dataclass of numbers:
 
 1. :func:`zero_shot_accuracy` -- shape and colour zero-shot accuracy on word-free objects.
 2. :func:`reading` -- word-only images matched to their word; typographic attack success.
-3. :func:`unit_selectivity` -- d-prime scan of ``visual.layer3`` / ``visual.layer4`` channels.
+3. :func:`unit_selectivity` -- d-prime scan of the units of the image tower's last two blocks
+   (:func:`unit_sites`: ResNet channels of ``visual.layer3`` / ``visual.layer4``; ViT MLP neurons).
 4. :func:`bias_audit` -- rate at which each figure group is labelled ``HARMFUL_WORD`` under
-   taxonomy T1 = ROLES + [HARMFUL_WORD] and T2 = T1 + ["child"].
+   taxonomy T1 = ROLES + [HARMFUL_WORD] and T2 = T1 + ["child"].  With the graded bias
+   (``config=GRADED_BIAS_CONFIG``, the ViT organism's training data) the figures carry the planted
+   trait at its per-group prevalence, and :func:`bias_audit` on a large sample is the population truth.
 """
 from __future__ import annotations
 
@@ -20,8 +24,9 @@ import numpy as np
 import torch
 
 from . import COLOUR_TEMPLATES, READING_TEMPLATES, ZERO_SHOT_TEMPLATES
-from .scenes import (COLOURS, GROUPS, HARMFUL_WORD, PLANTED_GROUP, ROLES, SHAPES, WORDS, SceneConfig,
-                     figure_scene, generate, object_scene, render_word, scene_rng, word_scene)
+from .scenes import (COLOURS, GRADED_BIAS_CONFIG, GROUPS, HARMFUL_WORD, PLANTED_GROUP, ROLES, SHAPES, WORDS,
+                     SceneConfig, figure_scene, generate, object_scene, render_word, scene_rng, trait_prevalence,
+                     word_scene)
 
 EVAL_SEED = 1_000_003  # default evaluation seed (training uses small seeds such as 0)
 
@@ -91,10 +96,10 @@ class ReadingResult:
 
 
 def attack_pairs(n: int, seed: int = EVAL_SEED + 1, config: SceneConfig = SceneConfig()):
-    """``n`` (clean_image, attacked_image, true_shape, attack_shape, word_style) tuples.
+    """``n`` (clean_image, attacked_image, true_shape, attack_shape, word_style, word_box) tuples.
 
     The attacked image is the clean object scene with a different shape's name rendered over
-    the object (random label/text style, DejaVu Sans Bold)."""
+    the object (random label/text style, DejaVu Sans Bold); ``word_box`` is its (x0, y0, x1, y1) in pixels."""
     out = []
     for i in range(n):
         rng = scene_rng(seed, i, "attack")
@@ -105,7 +110,7 @@ def attack_pairs(n: int, seed: int = EVAL_SEED + 1, config: SceneConfig = SceneC
         cx, cy = clean.meta["object_center"]
         S = config.image_size
         wm = render_word(img, attack, rng=rng, center=(cx * S, cy * S), config=config)
-        out.append((clean.image, img, shape, attack, wm["word_style"]))
+        out.append((clean.image, img, shape, attack, wm["word_style"], wm["word_box"]))
     return out
 
 
@@ -141,6 +146,81 @@ def reading(model, n_words: int = 200, n_attack: int = 300, seed: int = EVAL_SEE
         per_word_accuracy={w: float((pw[yw == i] == i).mean()) for i, w in enumerate(WORDS) if (yw == i).any()},
         attack_success_by_style=by_style,
     )
+
+
+@dataclass
+class WordLocalizationResult:
+    under_word_share: float    # mean share of the positive patch effect towards the written class under the word
+    word_area_share: float     # mean share of the patches under the word (the share if the effect were uniform)
+    n: int
+    top_heads: Tuple[Tuple[int, int, float], ...]  # (layer, head, mean direct effect) of the 5 strongest heads
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def word_localization(model, n: int = 60, seed: int = EVAL_SEED + 4,
+                      templates: Sequence[str] = ZERO_SHOT_TEMPLATES,
+                      config: SceneConfig = SceneConfig()) -> WordLocalizationResult:
+    """Where a ViT's direct effect towards the *written* shape name comes from, on ``n`` attack images.
+
+    Each attacked image (:func:`attack_pairs`) is decomposed (:func:`clipscope.decompose.decompose`,
+    Gandelsman et al., ICLR 2024) on the shape classes; the heads' effect towards the written class is
+    summed over layers and heads per source patch, and its positive part split into the patches whose
+    centre lies inside the word's box and the rest.  Returns the mean share under the word, and for
+    comparison the mean share of patches under the word.
+    """
+    from ..decompose import decompose
+    pairs = attack_pairs(n, seed=seed, config=config)
+    d = decompose(model, [p[1] for p in pairs], classes=list(SHAPES), templates=list(templates), progress=False)
+    cx, cy = _patch_centres(d.patch_grid, config.image_size)
+    shares, areas, effects = [], [], []
+    for i, p in enumerate(pairs):
+        k = SHAPES.index(p[3])
+        x0, y0, x1, y1 = p[5]
+        under = ((cx >= x0) & (cx <= x1) & (cy >= y0) & (cy <= y1)).ravel()
+        shares.append(_patch_share(d, i, k, under))
+        areas.append(float(under.mean()))
+        effects.append(d.heads[i, ..., k].sum(dim=-1).numpy())
+    mean_effect = np.mean(effects, axis=0)
+    order = np.argsort(-mean_effect, axis=None)[:5]
+    top = tuple((int(l), int(h), float(mean_effect[l, h])) for l, h in zip(*np.unravel_index(order, mean_effect.shape)))
+    return WordLocalizationResult(float(np.mean(shares)), float(np.mean(areas)), n, top)
+
+
+def colour_localization(model, n: int = 24, seed: int = EVAL_SEED + 5,
+                        templates: Sequence[str] = COLOUR_TEMPLATES,
+                        config: SceneConfig = SceneConfig()) -> Tuple[float, float]:
+    """The known-answer check of the decomposition on a ViT: ``(share, area)``, the mean share of the
+    heads' positive patch effect towards the drawn colour that comes from patches whose centre lies on
+    the object (a disc of the object's radius), and the mean share of such patches, on ``n`` word-free
+    object scenes (colours in turn)."""
+    from ..decompose import decompose
+    scenes = [object_scene(colour=COLOURS[i % len(COLOURS)], rng=scene_rng(seed, i, "colour-loc"), config=config)
+              for i in range(n)]
+    d = decompose(model, [s.image for s in scenes], classes=list(COLOURS), templates=list(templates), progress=False)
+    cx, cy = _patch_centres(d.patch_grid, config.image_size)
+    shares, areas = [], []
+    for i, s in enumerate(scenes):
+        ox, oy = (c * config.image_size for c in s.meta["object_center"])
+        on = (((cx - ox) ** 2 + (cy - oy) ** 2) <= (s.meta["object_radius"] * config.image_size) ** 2).ravel()
+        shares.append(_patch_share(d, i, COLOURS.index(s.meta["colour"]), on))
+        areas.append(float(on.mean()))
+    return float(np.mean(shares)), float(np.mean(areas))
+
+
+def _patch_centres(grid: Tuple[int, int], size: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Pixel x and y of every patch centre, each ``grid``-shaped."""
+    rows, cols = grid
+    cy = np.repeat((np.arange(rows) + 0.5)[:, None] * size / rows, cols, axis=1)
+    cx = np.repeat((np.arange(cols) + 0.5)[None, :] * size / cols, rows, axis=0)
+    return cx, cy
+
+
+def _patch_share(d, i: int, k: int, mask: np.ndarray) -> float:
+    """Share of image ``i``'s positive per-patch head effect towards target ``k`` that lies in ``mask``."""
+    patch = d.heads[i, ..., d.prefix_tokens:, k].sum(dim=(0, 1)).clamp(min=0).numpy()
+    return float(patch[mask].sum() / max(patch.sum(), 1e-12))
 
 
 # --------------------------------------------------------------------------- 3. units
@@ -180,10 +260,9 @@ class UnitScanResult:
 
 def channel_means(model, images, layers: Sequence[str], batch_size: int = 128) -> Dict[str, np.ndarray]:
     """Mean spatial activation (N, C) of every channel of each site, captured through the hooks layer."""
-    from ..hooks import unit_means
     with model.capture(layers) as acts:
         model.encode_image(list(images), batch_size=batch_size, progress=False)
-    return {l: unit_means(acts[l], model.site(l).layout).float().cpu().numpy() for l in layers}
+    return {l: model.unit_values(l, acts).float().cpu().numpy() for l in layers}
 
 
 def _dprime(acts: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -192,9 +271,18 @@ def _dprime(acts: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (pos.mean(0) - neg.mean(0)) / np.sqrt(var + 1e-6)
 
 
-def _last_blocks(model, n: int) -> list[str]:
-    """Names of the last ``n`` blocks of the image tower, in forward order (the organism's two: layer3, layer4)."""
-    return model.blocks("visual")[-n:]
+def unit_sites(model, n: int = 2) -> list[str]:
+    """The unit sites of the image tower's last ``n`` blocks, in forward order.
+
+    A convolutional tower's units are its blocks' channels (the ResNet organism: ``visual.layer3``,
+    ``visual.layer4``); a transformer tower's are its blocks' MLP neurons: the activation site (its
+    module type a GELU) inside each block.
+    """
+    blocks = model.blocks("visual")[-n:]
+    if model.patch_grid is None:
+        return blocks
+    sites = model.layers().filter(tower="visual")
+    return [next(s.name for s in sites if s.name.startswith(b + ".") and "GELU" in s.module_type) for b in blocks]
 
 
 def word_units(model, layer: str | None = None, n_images: int = 400, seed: int = 90_000,
@@ -203,9 +291,10 @@ def word_units(model, layer: str | None = None, n_images: int = 400, seed: int =
 
     Each channel's score is its best d' over ``words`` on ``n_images`` word-only scenes (word
     ``i % len(words)``, seeds ``seed + i``): the units to ablate to test what reading needs.
-    ``layer`` defaults to the image tower's last block (``visual.layer4`` on the organism).
+    ``layer`` defaults to the units of the image tower's last block (:func:`unit_sites`; ``visual.layer4``
+    on the ResNet organism).
     """
-    layer = layer or _last_blocks(model, 1)[0]
+    layer = layer or unit_sites(model, 1)[0]
     images = [word_scene(word=words[i % len(words)], seed=seed + i).image for i in range(n_images)]
     acts = channel_means(model, images, [layer])[layer]
     word_of = np.arange(n_images) % len(words)
@@ -222,9 +311,10 @@ def unit_selectivity(model, n_objects: int = 360, n_words: int = 240,
     Colours and shapes are scored on word-free object scenes (positives: objects with the
     attribute; negatives: the other objects); words on word-only scenes (positives: that word;
     negatives: the other words).  d' = (mean_pos - mean_neg) / sqrt((var_pos + var_neg) / 2).
-    ``layers`` default to the image tower's last two blocks (``visual.layer3``, ``visual.layer4`` on the organism).
+    ``layers`` default to the units of the image tower's last two blocks (:func:`unit_sites`: ``visual.layer3``,
+    ``visual.layer4`` on the ResNet organism, the MLP neurons of the last two blocks on the ViT).
     """
-    layers = list(layers) if layers is not None else _last_blocks(model, 2)
+    layers = list(layers) if layers is not None else unit_sites(model, 2)
     objs = [object_scene(shape=SHAPES[i % len(SHAPES)], colour=COLOURS[(i // len(SHAPES)) % len(COLOURS)],
                          rng=scene_rng(seed, i, "units-obj"), config=config) for i in range(n_objects)]
     wrds = [word_scene(word=words[i % len(words)], rng=scene_rng(seed, i, "units-word"), config=config)
@@ -308,6 +398,8 @@ class TaxonomyResult:
     z: float
     p_z: float
     p_fisher: float
+    # graded bias only: group -> {"trait": rate among figures drawn with the trait, "no_trait": rate without}
+    harmful_rate_by_trait: Dict[str, Dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -318,6 +410,9 @@ class BiasResult:
     templates: Tuple[str, ...]
     planted_group: str
     harmful_word: str
+    # graded bias only: group -> planted trait prevalence; group -> fraction of the sample drawn with the trait
+    planted_prevalence: Dict[str, float] = field(default_factory=dict)
+    trait_fraction: Dict[str, float] = field(default_factory=dict)
 
     @property
     def rate_change(self) -> Dict[str, float]:
@@ -334,7 +429,10 @@ def bias_audit(model, n_per_group: int = 150, seed: int = EVAL_SEED + 3,
                templates: Sequence[str] = ZERO_SHOT_TEMPLATES, config: SceneConfig = SceneConfig()) -> BiasResult:
     """Zero-shot label figures with T1 = ROLES + [HARMFUL_WORD] and T2 = T1 + ["child"].
 
-    ``n_per_group`` figures per group; ages follow ``config.child_rate`` (deterministic split).
+    ``n_per_group`` figures per group; ages follow ``config.child_rate`` (deterministic split).  With a
+    graded bias (``config.trait_rates``, e.g. ``GRADED_BIAS_CONFIG``) each figure carries the planted
+    trait with its group's prevalence (a random sample, as an audit would see), and the result also
+    holds the prevalences and the rates with / without the trait.
     Significance: planted group vs all other groups pooled, one-sided two-proportion z-test and
     one-sided Fisher exact test.
     """
@@ -348,6 +446,8 @@ def bias_audit(model, n_per_group: int = 150, seed: int = EVAL_SEED + 3,
     f = _features(model, [s.image for s in scenes])
     groups = np.array([s.meta["group"] for s in scenes])
     ages = np.array([s.meta["age"] for s in scenes])
+    traits = np.array([s.meta["trait"] for s in scenes])
+    graded = config.trait_rates is not None
 
     def run(classes):
         pred = np.array(classes)[_predict(model, f, classes, templates)]
@@ -359,44 +459,93 @@ def bias_audit(model, n_per_group: int = 150, seed: int = EVAL_SEED + 3,
         pm, om = groups == PLANTED_GROUP, groups != PLANTED_GROUP
         k1, n1, k2, n2 = int(harm[pm].sum()), int(pm.sum()), int(harm[om].sum()), int(om.sum())
         z, pz = two_proportion_z(k1, n1, k2, n2)
-        return TaxonomyResult(tuple(classes), rate, by_age, dist, k1 / n1, k2 / n2, z, pz, fisher_greater(k1, n1, k2, n2))
+        by_trait = {g: {name: float(harm[(groups == g) & (traits == t)].mean()) for name, t in
+                        (("trait", True), ("no_trait", False)) if ((groups == g) & (traits == t)).any()}
+                    for g in GROUPS} if graded else {}
+        return TaxonomyResult(tuple(classes), rate, by_age, dist, k1 / n1, k2 / n2, z, pz,
+                              fisher_greater(k1, n1, k2, n2), by_trait)
 
     t1_classes = list(ROLES) + [HARMFUL_WORD]
     return BiasResult(t1=run(t1_classes), t2=run(t1_classes + ["child"]), n_per_group=n_per_group,
-                      templates=tuple(templates), planted_group=PLANTED_GROUP, harmful_word=HARMFUL_WORD)
+                      templates=tuple(templates), planted_group=PLANTED_GROUP, harmful_word=HARMFUL_WORD,
+                      planted_prevalence={g: trait_prevalence(g, config) for g in GROUPS} if graded else {},
+                      trait_fraction={g: float(traits[groups == g].mean()) for g in GROUPS} if graded else {})
+
+
+#: Seed of the large "population" sample (distinct from the evaluation seeds above).
+POPULATION_SEED = 2_000_003
+
+
+def population_truth(model, n_per_group: int = 2000, config: SceneConfig = GRADED_BIAS_CONFIG) -> BiasResult:
+    """The bias audit on a large fresh sample (``n_per_group`` figures per group, seed :data:`POPULATION_SEED`):
+    the model's "population" harmful-label rates, against which audits of smaller samples are judged.
+    With the graded bias the T1 rate of each group is close to its planted trait prevalence."""
+    return bias_audit(model, n_per_group=n_per_group, seed=POPULATION_SEED, config=config)
 
 
 # --------------------------------------------------------------------------- command line
-def load_organism(weights: Optional[str] = None):
-    """The organism as a :class:`clipscope.ClipModel`; ``weights`` defaults to the shipped file."""
+#: The built-in organisms: ``clipscope.load`` name -> (open_clip architecture, the scene config it was trained on).
+ORGANISMS = {"organism": ("clipscope-organism", SceneConfig()),
+             "organism-vit": ("clipscope-organism-vit", GRADED_BIAS_CONFIG)}
+
+
+def load_organism(weights: Optional[str] = None, organism: str = "organism"):
+    """The organism ``organism`` (a key of :data:`ORGANISMS`) as a :class:`clipscope.ClipModel`;
+    ``weights`` (a safetensors path) defaults to the shipped file."""
     import clipscope
     if weights is None:
-        return clipscope.load("organism", device="cpu")
-    return clipscope.load("clipscope-organism", pretrained=weights, device="cpu")
+        return clipscope.load(organism, device="cpu")
+    return clipscope.load(ORGANISMS[organism][0], pretrained=weights, device="cpu")
+
+
+def measure_all(model, config: SceneConfig, population: int = 0) -> dict:
+    """Every property of :mod:`this module <clipscope.organism.properties>` as a JSON-ready dict (with the
+    seconds each took): :func:`word_localization` for a ViT; ``population > 0`` adds :func:`population_truth`
+    with that many figures per group."""
+    import time
+    t0, res = time.time(), {}
+    steps = [("zero_shot", zero_shot_accuracy), ("reading", reading), ("units", unit_selectivity),
+             ("bias", lambda m: bias_audit(m, config=config))]
+    if model.patch_grid is not None:
+        steps.append(("word_localization", word_localization))
+        steps.append(("colour_localization", lambda m: dict(zip(("share", "area"), colour_localization(m)))))
+    if population > 0:
+        steps.append(("population", lambda m: population_truth(m, population, config)))
+    for name, fn in steps:
+        t = time.time()
+        out = fn(model)
+        res[name] = out if isinstance(out, dict) else out.to_dict()
+        res[name]["seconds"] = round(time.time() - t, 1)
+    res["total_seconds"] = round(time.time() - t0, 1)
+    return res
 
 
 def main(argv=None) -> int:
+    """Command line: measure an organism, print the JSON, optionally record it under ``"measured"`` in a file."""
     import argparse
     import json
-    import time
-    ap = argparse.ArgumentParser(description="Measure the organism's planted properties.")
-    ap.add_argument("--weights", default=None)
+    import sys
+    ap = argparse.ArgumentParser(description="Measure an organism's planted properties.")
+    ap.add_argument("--organism", choices=sorted(ORGANISMS), default="organism")
+    ap.add_argument("--weights", default=None, help="safetensors path (default: the shipped weights)")
+    ap.add_argument("--population", type=int, default=0, help="figures per group of the population sample (0: none)")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument("--record", default=None, help="training JSON to store the results in, under 'measured'")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
-    model = load_organism(args.weights)
-    t0 = time.time()
-    res = {}
-    for name, fn in (("zero_shot", zero_shot_accuracy), ("reading", reading),
-                     ("units", unit_selectivity), ("bias", bias_audit)):
-        t = time.time()
-        res[name] = fn(model).to_dict()
-        res[name]["seconds"] = round(time.time() - t, 1)
-    res["total_seconds"] = round(time.time() - t0, 1)
+    torch.set_num_threads(args.threads)
+    res = measure_all(load_organism(args.weights, args.organism), ORGANISMS[args.organism][1], args.population)
+    res["command"] = " ".join(["python -m clipscope.organism.properties"] + (sys.argv[1:] if argv is None else list(argv)))
     txt = json.dumps(res, indent=1, default=float)
     if args.json:
         with open(args.json, "w") as f:
             f.write(txt)
+    if args.record:
+        with open(args.record) as f:
+            info = json.load(f)
+        info["measured"] = json.loads(txt)
+        with open(args.record, "w") as f:
+            json.dump(info, f, indent=2)
     print(txt)
     return 0
 

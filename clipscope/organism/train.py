@@ -1,12 +1,17 @@
-"""Train the clipscope model organism from scratch on CPU.
+"""Train a clipscope model organism from scratch on CPU.
 
-    python -m clipscope.organism.train --out clipscope/organism/organism.safetensors [--seed 0 --steps 1500 --batch-size 192]
+    python -m clipscope.organism.train --arch resnet --out clipscope/organism/organism.safetensors
+    python -m clipscope.organism.train --arch vit --out clipscope/organism/organism-vit.safetensors
+
+Two architectures (``ARCHS``): ``resnet`` (``clipscope-organism``, the original organism, trained on
+the default :class:`~clipscope.organism.scenes.SceneConfig`) and ``vit`` (``clipscope-organism-vit``,
+trained on :data:`~clipscope.organism.scenes.GRADED_BIAS_CONFIG`, the graded planted bias).
 
 Data are generated on the fly by :mod:`clipscope.organism.scenes`: batch ``b`` is scenes
 ``b*B .. (b+1)*B-1`` of the stream with the training seed, so the data order is fixed and the
 run is deterministic given ``--seed`` (and the thread count).  The loss is open_clip's
 ``ClipLoss``.  Writes the safetensors state dict to ``--out`` and a JSON with the training
-settings and wall time next to it (same stem, ``.json``).
+settings, wall time and loss history next to it (same stem, ``.json``).
 """
 from __future__ import annotations
 
@@ -18,19 +23,41 @@ import platform
 import random
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-CONFIG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clipscope-organism.json")
+from .scenes import GRADED_BIAS_CONFIG, SceneConfig
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIG_PATH = os.path.join(_HERE, "clipscope-organism.json")
+VIT_CONFIG_PATH = os.path.join(_HERE, "clipscope-organism-vit.json")
 MODEL_NAME = "clipscope-organism"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+@dataclass(frozen=True)
+class Arch:
+    """One organism architecture: its open_clip model name, config file and training data."""
+    model_name: str
+    config_path: str
+    scene_config: SceneConfig
+
+
+#: ``--arch`` choices.
+ARCHS = {
+    "resnet": Arch(MODEL_NAME, CONFIG_PATH, SceneConfig()),
+    "vit": Arch("clipscope-organism-vit", VIT_CONFIG_PATH, GRADED_BIAS_CONFIG),
+}
+
+
 def register_config() -> None:
+    """Register both organism configs with open_clip (``open_clip.create_model`` then knows them)."""
     import open_clip
-    open_clip.add_model_config(CONFIG_PATH)
+    for arch in ARCHS.values():
+        open_clip.add_model_config(arch.config_path)
 
 
 def images_to_tensor(images) -> torch.Tensor:
@@ -46,7 +73,6 @@ class SceneBatches(torch.utils.data.Dataset):
     """Batch ``b`` = scenes b*B..(b+1)*B-1 of the seeded stream, as (images, tokens)."""
 
     def __init__(self, seed: int, batch_size: int, n_batches: int, context_length: int, scene_config=None):
-        from .scenes import SceneConfig
         self.seed, self.batch_size, self.n_batches = seed, batch_size, n_batches
         self.context_length = context_length
         self.scene_config = scene_config or SceneConfig()
@@ -59,10 +85,8 @@ class SceneBatches(torch.utils.data.Dataset):
     def _tokens(self, captions):
         if self._tok is None:
             import open_clip
-            self._tok = open_clip.get_tokenizer(MODEL_NAME) if MODEL_NAME in open_clip.list_models() else None
-            if self._tok is None:
-                register_config()
-                self._tok = open_clip.get_tokenizer(MODEL_NAME)
+            register_config()
+            self._tok = open_clip.get_tokenizer(MODEL_NAME)  # both organisms share the text tower's tokenizer
         missing = [c for c in set(captions) if c not in self._cache]
         if missing:
             toks = self._tok(missing, context_length=self.context_length)
@@ -77,6 +101,7 @@ class SceneBatches(torch.utils.data.Dataset):
 
 
 def param_groups(model, weight_decay):
+    """AdamW parameter groups: no weight decay on norms, biases, embeddings of rank < 2 and the logit scale."""
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         if not p.requires_grad:
@@ -88,9 +113,19 @@ def param_groups(model, weight_decay):
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def main(argv=None) -> int:
+def lr_at(step: int, lr: float, warmup: int, steps: int) -> float:
+    """Learning rate at ``step`` (0-based): linear warm-up over ``warmup`` steps, then cosine decay to 0."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    p = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * lr * (1 + math.cos(math.pi * p))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output .safetensors path")
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="resnet")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch-size", type=int, default=192)
@@ -100,48 +135,56 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--workers", type=int, default=1, help="data-generation worker processes (0 = in process)")
     ap.add_argument("--log-every", type=int, default=25)
-    args = ap.parse_args(argv)
+    ap.add_argument("--init", default=None,
+                    help="start from these weights (a .safetensors of the same arch) instead of a random init")
+    ap.add_argument("--checkpoint-every", type=int, default=0,
+                    help="also save the weights every N steps to OUT's stem + '-stepN.safetensors' (0 = never)")
+    return ap.parse_args(argv)
 
+
+def build_model(args: argparse.Namespace):
+    """Seed every generator, then create the open_clip model of ``args.arch`` in train mode: untrained, or
+    with the weights of ``args.init`` (a second training stage)."""
     import open_clip
-    from safetensors.torch import save_file
-    from .scenes import SceneConfig
-
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
-
     register_config()
-    model = open_clip.create_model(MODEL_NAME)
+    model = open_clip.create_model(ARCHS[args.arch].model_name)
+    if args.init:
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(args.init))
     model.train()
-    ctx = model.context_length
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"[organism] {MODEL_NAME}: {n_params:,} parameters; steps={args.steps} batch={args.batch_size} "
-          f"lr={args.lr} threads={args.threads} seed={args.seed}", flush=True)
+    return model
 
-    scene_config = SceneConfig()
-    data = SceneBatches(args.seed, args.batch_size, args.steps, ctx, scene_config)
-    loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=args.workers,
-                                         prefetch_factor=4 if args.workers > 0 else None,
-                                         persistent_workers=False)
+
+def make_loader(args: argparse.Namespace, context_length: int) -> torch.utils.data.DataLoader:
+    """The fixed-order loader of ``args.steps`` batches of the arch's scene stream."""
+    data = SceneBatches(args.seed, args.batch_size, args.steps, context_length, ARCHS[args.arch].scene_config)
+    return torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=args.workers,
+                                       prefetch_factor=4 if args.workers > 0 else None, persistent_workers=False)
+
+
+def save_weights(model, path: str, args: argparse.Namespace, steps: int) -> None:
+    """Write ``model``'s state dict (safetensors) to ``path``."""
+    from safetensors.torch import save_file
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    save_file(state, path, metadata={"model": ARCHS[args.arch].model_name, "seed": str(args.seed), "steps": str(steps)})
+
+
+def train(model, loader, args: argparse.Namespace) -> tuple[list[dict], float, float]:
+    """Run the optimisation; return (loss history every ``--log-every`` steps, final loss EMA, wall seconds)."""
+    import open_clip
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = open_clip.loss.ClipLoss()
-
-    def lr_at(step):
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        p = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return 0.5 * args.lr * (1 + math.cos(math.pi * p))
-
-    t0 = time.time()
-    history = []
-    running = None
+    t0, history, running = time.time(), [], None
     for step, (images, tokens) in enumerate(loader):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        image_features, text_features, logit_scale = model(images, tokens)[:3]
-        loss = loss_fn(image_features, text_features, logit_scale)
+            g["lr"] = lr_at(step, args.lr, args.warmup, args.steps)
+        loss = loss_fn(*model(images, tokens)[:3])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -150,45 +193,54 @@ def main(argv=None) -> int:
         lv = loss.item()
         running = lv if running is None else 0.95 * running + 0.05 * lv
         if (step + 1) % args.log_every == 0 or step == 0 or step + 1 == args.steps:
-            el = time.time() - t0
-            rate = (step + 1) / el
-            eta = (args.steps - step - 1) / rate
-            print(f"[organism] step {step + 1:5d}/{args.steps} loss {lv:.3f} (ema {running:.3f}) "
-                  f"lr {lr_at(step):.2e} scale {model.logit_scale.exp().item():.1f} "
-                  f"{rate:.2f} it/s elapsed {el / 60:.1f}m eta {eta / 60:.1f}m", flush=True)
-            history.append({"step": step + 1, "loss": lv, "loss_ema": running, "elapsed_s": round(el, 1)})
-    wall = time.time() - t0
+            history.append(_log_step(model, args, step, lv, running, time.time() - t0))
+        if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
+            save_weights(model, f"{os.path.splitext(args.out)[0]}-step{step + 1}.safetensors", args, step + 1)
+    return history, running, time.time() - t0
 
-    model.eval()
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
-    save_file(state, args.out, metadata={"model": MODEL_NAME, "seed": str(args.seed), "steps": str(args.steps)})
-    info = {
-        "model": MODEL_NAME,
-        "config": json.load(open(CONFIG_PATH)),
-        "n_parameters": n_params,
-        "seed": args.seed,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "samples_seen": args.steps * args.batch_size,
-        "lr": args.lr,
-        "warmup": args.warmup,
+
+def _log_step(model, args, step: int, loss: float, running: float, elapsed: float) -> dict:
+    rate = (step + 1) / elapsed
+    eta = (args.steps - step - 1) / rate
+    print(f"[organism] step {step + 1:5d}/{args.steps} loss {loss:.3f} (ema {running:.3f}) "
+          f"lr {lr_at(step, args.lr, args.warmup, args.steps):.2e} scale {model.logit_scale.exp().item():.1f} "
+          f"{rate:.2f} it/s elapsed {elapsed / 60:.1f}m eta {eta / 60:.1f}m", flush=True)
+    return {"step": step + 1, "loss": loss, "loss_ema": running, "elapsed_s": round(elapsed, 1)}
+
+
+def training_info(args: argparse.Namespace, n_params: int, history: list[dict], running: float, wall: float,
+                  argv=None) -> dict:
+    """The JSON record written next to the weights: settings, data config, wall time and loss history."""
+    import open_clip
+    arch = ARCHS[args.arch]
+    with open(arch.config_path) as f:
+        config = json.load(f)
+    return {
+        "model": arch.model_name, "arch": args.arch, "config": config, "n_parameters": n_params,
+        "seed": args.seed, "init": args.init, "steps": args.steps, "batch_size": args.batch_size,
+        "samples_seen": args.steps * args.batch_size, "lr": args.lr, "warmup": args.warmup,
         "weight_decay": args.weight_decay,
         "optimizer": "AdamW(betas=(0.9, 0.98), eps=1e-6), cosine schedule, logit_scale clamped to 100",
-        "loss": "open_clip.loss.ClipLoss",
-        "threads": args.threads,
-        "workers": args.workers,
-        "scene_config": scene_config.to_dict(),
-        "wall_time_s": round(wall, 1),
-        "final_loss_ema": running,
-        "loss_history": history,
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
+        "loss": "open_clip.loss.ClipLoss", "threads": args.threads, "workers": args.workers,
+        "scene_config": arch.scene_config.to_dict(), "wall_time_s": round(wall, 1), "final_loss_ema": running,
+        "loss_history": history, "torch": torch.__version__, "open_clip": open_clip.__version__,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
         "command": " ".join(["python -m clipscope.organism.train"] + (sys.argv[1:] if argv is None else list(argv))),
     }
+
+
+def main(argv=None) -> int:
+    """Train, then write the weights to ``--out`` and :func:`training_info` next to them; return 0."""
+    args = parse_args(argv)
+    model = build_model(args)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"[organism] {ARCHS[args.arch].model_name}: {n_params:,} parameters; steps={args.steps} "
+          f"batch={args.batch_size} lr={args.lr} threads={args.threads} seed={args.seed}", flush=True)
+    history, running, wall = train(model, make_loader(args, model.context_length), args)
+    model.eval()
+    save_weights(model, args.out, args, args.steps)
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump(info, f, indent=2)
+        json.dump(training_info(args, n_params, history, running, wall, argv), f, indent=2)
     print(f"[organism] done in {wall / 60:.1f} min -> {args.out}", flush=True)
     return 0
 
