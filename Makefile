@@ -6,6 +6,8 @@ PY     := $(VENV)/bin/python
 CHROMIUM ?= /usr/bin/chromium
 # the model `make lab` opens the notebooks on
 CLIPSCOPE_MODEL ?= organism
+# the model `make demo` runs the main job on (organism-vit: the ViT organism)
+DEMO_MODEL ?= organism
 
 .PHONY: demo test wheel-check bench install chromium lab clean
 
@@ -39,9 +41,9 @@ chromium:
 	  rm -f $$log; \
 	fi
 
-## make demo: install, then run the main job on the built-in model organism
+## make demo: install, then run the main job on the built-in model organism (DEMO_MODEL=organism-vit: the ViT one)
 demo: install
-	$(PY) -m clipscope demo --out clipscope-demo
+	$(PY) -m clipscope demo --model $(DEMO_MODEL) --out clipscope-demo
 
 ## make test: install (Python packages, and Chromium for the browser test), then run the whole suite (prints its duration)
 test: install chromium

@@ -28,6 +28,8 @@ from .validate import check_int
 #: The bias audit the demo runs: package data, so an installed wheel has it. The repository's
 #: ``audits/organism_planted_bias.yaml`` is an identical copy for users to read and adapt.
 AUDIT_SPEC = resources.files("clipscope") / "audit" / "specs" / "organism_planted_bias.yaml"
+#: The ViT organism's audit: its figures carry the trait of its graded planted bias.
+VIT_AUDIT_SPEC = resources.files("clipscope") / "audit" / "specs" / "organism_vit_graded_bias.yaml"
 
 
 def _timed(parts: list[tuple[str, float, str]], title: str, fn: Callable[[], str]) -> None:
@@ -78,20 +80,22 @@ def atlas_section(model, out: Path, *, n_images: int = 400, units_per_site: int 
                   seed: int = 7_000_000) -> dict[str, Any]:
     """Write a neuron atlas of the image tower's two last blocks to ``out/atlas``.
 
-    On the organism the units shown are its most selective colour, shape and word units (by d'
-    on generated scenes); on other models the first ``units_per_site`` channels. Returns
+    On an organism (``organism`` or ``organism-vit``) the sites are its unit sites (the ResNet's last two
+    stages, the ViT's last two MLP activations) and the units shown its most selective colour, shape and
+    word units (by d' on generated scenes); on other models the first ``units_per_site`` channels of the
+    last two blocks. Returns
     ``{"index": Path, "sites": {site: [units]}, "labels": {site: {unit: label}}, "timings": {...}}``.
     """
     from .neurons import Atlas, default_words
     from .organism import COLOURS, SHAPES, WORDS
+    from .organism.properties import ORGANISMS, unit_selectivity, unit_sites
     from .organism.scenes import generate
 
     images = [s.image for s in generate(n_images, seed=seed)]
-    blocks = model.layers().blocks().names()
-    sites = blocks[-2:]
+    organism = model.name in ORGANISMS
+    sites = unit_sites(model, 2) if organism else model.layers().blocks().names()[-2:]
     chosen: dict[str, list[int]] = {s: [] for s in sites}
-    if model.name == "organism":
-        from .organism.properties import unit_selectivity
+    if organism:
         scan = unit_selectivity(model, layers=tuple(sites))
         for key in sorted(scan.best, key=lambda k: -scan.best[k].dprime):
             best = scan.best[key]
@@ -143,12 +147,13 @@ def attack_section(model, out: Path, *, n_per_class: int = 12, seed: int = 20_00
 
 
 def audit_section(model, out: Path) -> dict[str, Any]:
-    """Run the packaged audit spec :data:`AUDIT_SPEC` on ``model``; report in ``out/audit``.
+    """Run the packaged audit spec :data:`AUDIT_SPEC` (:data:`VIT_AUDIT_SPEC` for ``organism-vit``) on ``model``;
+    report in ``out/audit``.
 
     Returns ``{"report": Path, "rates": {taxonomy: {group: rate of 'thief'}}, "result": AuditResult}``.
     """
     from .audit.run import run_audit
-    with resources.as_file(AUDIT_SPEC) as spec:
+    with resources.as_file(VIT_AUDIT_SPEC if model.name == "organism-vit" else AUDIT_SPEC) as spec:
         result = run_audit(spec, out=out / "audit", models=[model], progress=False)
     g = result.groups
     rows = g[(g["grouping"] == "group") & (g["metric"] == "harm_rate") & (g["outcome"] == "harm:crime")]

@@ -510,7 +510,9 @@ class AttentionHeads:
       **kwargs)`` in place of the module's own forward while a head-level site is in use; it passes its
       per-head tensors through ``points`` (:class:`HeadPoints`) and returns what the module returns;
     - ``projection``: ``projection(module) -> (W, b)``, the output projection split by head: ``W`` of
-      shape ``(heads, d_head, D)`` and ``b`` ``(D,)``, so that a head's result is ``z[..., h, :] @ W[h]``.
+      shape ``(heads, d_head, D)`` and ``b`` ``(D,)``, so that a head's result is ``z[..., h, :] @ W[h]``
+      (a layer scale between the attention and the residual stream folded in: the result is what the
+      head adds to the stream).
     """
 
     site: str
@@ -700,32 +702,44 @@ class HookedModel:
     def _explicit_attention(self, sites: Sequence[Site]) -> Iterator[None]:
         """Run the attention modules of the head-level sites among ``sites`` by their backend's explicit
         computation while the block lasts (nested uses are counted; the module's own forward is back after
-        the last). Other modules, and these outside the block, run unchanged."""
-        used = [s for s in sites if s.point in HEAD_POINTS]
-        for site in used:
-            points = self._head_points.setdefault(site.module, HeadPoints())
-            points.use(site.point, 1)
-            users, own = self._explicit.get(site.module, (0, None))
-            if users == 0:
-                module = self._root.get_submodule(site.module)
-                own = module.__dict__.get("forward")
-                spec = self._heads[site.name.rsplit(".", 1)[0]]
-                module.forward = functools.partial(spec.forward, module, points)
-            self._explicit[site.module] = (users + 1, own)
+        the last). Other modules, and these outside the block, run unchanged; if setting up one site
+        fails, those set up before it are undone."""
+        done: list[Site] = []
         try:
+            for site in sites:
+                if site.point in HEAD_POINTS:
+                    self._use_explicit(site)
+                    done.append(site)
             yield
         finally:
-            for site in reversed(used):
-                self._head_points[site.module].use(site.point, -1)
-                users, own = self._explicit.pop(site.module)
-                if users > 1:
-                    self._explicit[site.module] = (users - 1, own)
-                    continue
-                module = self._root.get_submodule(site.module)
-                if own is None:
-                    del module.forward
-                else:
-                    module.forward = own
+            for site in reversed(done):
+                self._release_explicit(site)
+
+    def _use_explicit(self, site: Site) -> None:
+        """Count one more use of the head-level ``site``; its attention module's first use swaps in the
+        explicit computation. Nothing changes if this raises."""
+        points = self._head_points.setdefault(site.module, HeadPoints())
+        users, own = self._explicit.get(site.module, (0, None))
+        if users == 0:
+            module = self._root.get_submodule(site.module)
+            spec = next(s for s in self._heads.values() if self.sites[s.site].module == site.module)
+            own = module.__dict__.get("forward")
+            module.forward = functools.partial(spec.forward, module, points)
+        points.use(site.point, 1)
+        self._explicit[site.module] = (users + 1, own)
+
+    def _release_explicit(self, site: Site) -> None:
+        """Undo one :meth:`_use_explicit` of ``site``; the last use of a module gives it back its own forward."""
+        self._head_points[site.module].use(site.point, -1)
+        users, own = self._explicit.pop(site.module)
+        if users > 1:
+            self._explicit[site.module] = (users - 1, own)
+            return
+        module = self._root.get_submodule(site.module)
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
     @contextlib.contextmanager
     def capture(self, sites: str | Iterable[str], *, grad: bool = False) -> Iterator[Activations]:
@@ -864,9 +878,14 @@ def _check_sources(value: Mapping[str, Any], sites: Sequence[Site]) -> dict[str,
     site whose value is missing or of the wrong shape."""
     out = {}
     for site in sites:
-        tensor = value[site.name] if site.name in value else None
+        try:
+            tensor = value[site.name]
+        except KeyError:  # also what Activations raise for a site that recorded nothing
+            tensor = None
         if not isinstance(tensor, torch.Tensor):
-            raise InvalidArgumentError("value", f"<mapping without a tensor for {site.name!r}>",
+            unrecorded = isinstance(value, Activations) and site.name in list(value)
+            raise InvalidArgumentError("value", f"<{site.name!r} recorded nothing>" if unrecorded
+                                       else f"<mapping without a tensor for {site.name!r}>",
                                        f"a tensor for every ablated site (e.g. captured activations or "
                                        f"model.mean_activations of {site.name!r})")
         shape = tuple(tensor.shape)

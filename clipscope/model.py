@@ -542,7 +542,7 @@ class ClipModel:
             with torch.no_grad():
                 acts = self.activations(batch, names)
             for name in names:
-                total = acts[name].double().sum(dim=0).cpu()
+                total = acts[name].cpu().double().sum(dim=0)  # float64 on the CPU: MPS has none
                 totals[name] = totals[name] + total if name in totals else total
             count += len(batch)
         if not count:

@@ -79,6 +79,31 @@ def make_images(n: int, seed: int = 0, size: int = 48) -> list[Image.Image]:
     return out
 
 
+def open_clip_variant(folder: Path, *, edit=None, **vision) -> clipscope.ClipModel:
+    """A random tiny open_clip ViT: ``clipscope-tiny-vit`` with ``vision`` changed in its vision config and,
+    if given, ``edit(model)`` applied to the open_clip model, written to the new ``folder`` as an open_clip
+    folder (``open_clip_config.json`` and weights) and loaded from there."""
+    import copy
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    from clipscope.backends.open_clip import register_configs
+    register_configs()
+    cfg = copy.deepcopy(open_clip.get_model_config("clipscope-tiny-vit"))
+    cfg["vision_cfg"].update(vision)
+    torch.manual_seed(2)
+    model = open_clip.model.CLIP(**cfg)
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
+    folder.mkdir(parents=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    return clipscope.load(str(folder), device=DEVICE, precision=PRECISION)
+
+
 @pytest.fixture
 def images() -> list[Image.Image]:
     return make_images(5)

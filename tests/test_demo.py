@@ -78,3 +78,30 @@ def test_demo_runs_on_another_architecture(tmp_path, capsys):
     assert (out / "atlas" / "visual.transformer.resblocks.1.html").exists()
     table = pd.read_csv(out / "zero_shot.csv")
     assert len(table) == 64 and {"true_shape", "prediction", "predicted_colour"} <= set(table.columns)
+
+
+@pytest.fixture(scope="module")
+def vit_organism_report(tmp_path_factory):
+    import io
+    from contextlib import redirect_stdout
+    out = tmp_path_factory.mktemp("demo-vit") / "report"
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        assert main(["demo", "--model", "organism-vit", "--out", str(out), "--steps", "2"]) == 0
+    return out, printed.getvalue()
+
+
+@pytest.mark.slow
+def test_demo_runs_on_the_vit_organism_with_its_mlp_neurons_in_the_atlas(vit_organism_report):
+    out, printed = vit_organism_report
+    for part in PARTS:
+        assert re.search(rf"  {re.escape(part)}: \d+\.\d s", printed), part
+    layers = pd.read_csv(out / "layers.csv")
+    assert (layers["layout"] == "pattern").any()  # head-level sites are listed
+    # the organism's unit sites: the MLP activations (GELU) of the image tower's last two blocks
+    mlp_neurons = layers[(layers["tower"] == "visual") & (layers["type"] == "GELU")]["name"].tolist()[-2:]
+    for site in mlp_neurons:
+        page = (out / "atlas" / f"{site}.html").read_text()
+        assert page.count('class="clipscope-unit-card"') == 8
+    labels = re.findall(r"unit \d+ <i>(\w+)</i>", (out / "index.html").read_text())
+    assert {"red", "blue", "green"} & set(labels)  # selective colour neurons are among those shown

@@ -12,17 +12,21 @@ block runs the same explicit code on both sides).
 """
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
+from torch import nn
 
 import clipscope
 from clipscope import Unit
+from clipscope.backends.attention import clip_attention, multihead_attention
 from clipscope.backends.convert import open_clip_to_transformers, write_tokenizer
+from clipscope.hooks import HeadPoints
 from clipscope.validate import InvalidArgumentError
 
-from .conftest import DEVICE, PRECISION
+from .conftest import DEVICE, PRECISION, open_clip_variant
 
 pytestmark = pytest.mark.skipif(PRECISION != "fp32", reason="equivalences to 1e-5 hold in fp32 only")
 ATOL = 1e-5
@@ -218,16 +222,19 @@ def test_head_results_sum_to_the_attention_output_and_z_projects_to_them(tiny_vi
 
 @pytest.mark.parametrize("which", ["open_clip", "transformers"])
 def test_the_residual_stream_aliases_differ_by_the_attention_and_the_mlp(tiny_vit, hf_vit, which):
-    model = tiny_vit if which == "open_clip" else hf_vit  # tiny_vit has no layer scale (ls_1 is the identity)
-    block, attention = model.blocks()[1], model.attention_sites()[1]
+    """resid_pre is the previous block's output, resid_post the block's own; in between the stream gains
+    the attention output, then the MLP's (tiny_vit has no layer scale: ls_1 and ls_2 are the identity)."""
+    model = tiny_vit if which == "open_clip" else hf_vit
+    previous, block, attention = model.blocks()[0], model.blocks()[1], model.attention_sites()[1]
     mlp = next(n for n in model.layers().names() if n == f"{block}.mlp")
-    names = [f"{block}.resid_pre", f"{block}.resid_mid", f"{block}.resid_post", attention, mlp]
+    names = [f"{block}.resid_pre", f"{block}.resid_mid", f"{block}.resid_post", attention, mlp, previous, block]
     with torch.no_grad(), model.capture(names) as acts:
         model.encode_image(_images(model, 2, seed=5))
-    pre, mid, post, attn_out, mlp_out = (acts[n] for n in names)
+    pre, mid, post, attn_out, mlp_out, previous_out, block_out = (acts[n] for n in names)
+    assert torch.equal(pre, previous_out)
     assert torch.allclose(mid - pre, attn_out, atol=ATOL)
     assert torch.allclose(post - mid, mlp_out, atol=ATOL)
-    assert torch.equal(post, acts[f"{block}.resid_post"]) and post.shape == pre.shape
+    assert torch.equal(post, block_out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +246,8 @@ def test_a_head_unit_reads_the_norm_of_the_heads_vector(tiny_vit):
     with torch.no_grad(), tiny_vit.capture(site) as acts:
         tiny_vit.encode_image(_images(tiny_vit, 2, seed=6))
     norms = acts[site][:, :, 1].norm(dim=-1)  # (B, L)
-    assert torch.allclose(tiny_vit.read(Unit.head(site, 1), acts), norms.mean(dim=1))
+    assert tiny_vit.token_pool == "patches"  # no token named: the mean over the patch tokens
+    assert torch.allclose(tiny_vit.read(Unit.head(site, 1), acts), norms[:, tiny_vit.prefix_tokens:].mean(dim=1))
     assert torch.allclose(tiny_vit.read(Unit.head(site, 1, token=0), acts), norms[:, 0])
     assert torch.equal(tiny_vit.read(Unit.head(site, 1, token=3, index=5), acts), acts[site][:, 3, 1, 5])
 
@@ -301,6 +309,15 @@ def test_patching_a_head_from_another_image_changes_exactly_that_heads_result(ti
     assert torch.equal(patched[earlier], target[earlier])
 
 
+def test_a_patch_source_that_never_recorded_the_site_is_named(tiny_vit):
+    site = tiny_vit.attention_sites()[0] + ".z"
+    with tiny_vit.capture(site) as nothing_ran:
+        pass
+    with pytest.raises(InvalidArgumentError, match=f"^value=.*{site}' recorded nothing"), \
+            tiny_vit.ablate(Unit.head(site, 0), value=nothing_ran):
+        pass
+
+
 def test_a_patch_source_must_match_the_batch(tiny_vit):
     site = tiny_vit.attention_sites()[0] + ".z"
     with torch.no_grad(), tiny_vit.capture(site) as source:
@@ -317,14 +334,18 @@ def test_head_unit_errors_name_the_value_and_the_valid_range(tiny_vit):
     result = f"{attention}.result"
     with pytest.raises(InvalidArgumentError, match=r"head=7 .*2 heads \(valid: 0\.\.1\)"):
         tiny_vit.read(Unit.head(result, 7), torch.zeros(1, 17, 2, 32))
-    with pytest.raises(InvalidArgumentError, match=r"head=0 .*needs a head-level site.*'tokens'"):
-        tiny_vit.ablate(Unit.head(attention, 0)).__enter__()
-    with pytest.raises(InvalidArgumentError, match=r"head=None .*Unit\.head\(site, head\) \(valid heads: 0\.\.1\)"):
-        tiny_vit.ablate(Unit.neuron(result, 3)).__enter__()
-    with pytest.raises(InvalidArgumentError, match=r"index=32 .*32 features \(valid: 0\.\.31\)"):
-        tiny_vit.ablate(Unit.head(result, 0, index=32)).__enter__()
-    with pytest.raises(InvalidArgumentError, match=r"token=17 .*17 tokens"):
-        tiny_vit.ablate(Unit.head(f"{attention}.pattern", 0, token=17)).__enter__()
+    with pytest.raises(InvalidArgumentError, match=r"head=0 .*needs a head-level site.*'tokens'"), \
+            tiny_vit.ablate(Unit.head(attention, 0)):
+        pass
+    with pytest.raises(InvalidArgumentError, match=r"head=None .*Unit\.head\(site, head\) \(valid heads: 0\.\.1\)"), \
+            tiny_vit.ablate(Unit.neuron(result, 3)):
+        pass
+    with pytest.raises(InvalidArgumentError, match=r"index=32 .*32 features \(valid: 0\.\.31\)"), \
+            tiny_vit.ablate(Unit.head(result, 0, index=32)):
+        pass
+    with pytest.raises(InvalidArgumentError, match=r"token=17 .*17 tokens"), \
+            tiny_vit.ablate(Unit.head(f"{attention}.pattern", 0, token=17)):
+        pass
     with pytest.raises(InvalidArgumentError, match="head"):
         Unit.head(result, "first")
 
@@ -385,6 +406,28 @@ def test_models_transformers_cannot_hold_are_refused_by_name(tiny_rn, tmp_path):
     assert not (tmp_path / "rn").exists()
 
 
+@pytest.mark.parametrize("attribute, value, setting", [
+    ("visual.pool_type", "avg", "visual.pool_type='avg'"),
+    ("visual.final_ln_after_pool", True, "visual.final_ln_after_pool=True"),
+    ("text_pool_type", "last", "text_pool_type='last'"),
+    ("attn_mask", None, r"attn_mask \(no_causal_mask\)"),
+])
+def test_settings_transformers_would_not_compute_are_refused_by_name(tiny_vit, tmp_path, attribute, value, setting):
+    """Settings that leave every tensor in place, so the tensors alone would convert (a mean-pooled tiny ViT
+    converted anyway was measured to disagree by up to 3.05 on its embeddings)."""
+    model = copy.deepcopy(tiny_vit.model)
+    owner, _, name = attribute.rpartition(".")
+    setattr(model.get_submodule(owner), name, value)
+    with pytest.raises(InvalidArgumentError, match=f"^model_or_state_dict=.*{setting}"):
+        open_clip_to_transformers(model, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
+def test_layer_scale_is_refused_by_name_by_the_converter(layer_scaled, tmp_path):
+    with pytest.raises(InvalidArgumentError, match=r"ls_init_value \(layer scale\)"):
+        open_clip_to_transformers(layer_scaled.model, tmp_path / "refused")
+
+
 def test_head_sites_carry_gradients_to_the_image(tiny_vit):
     """Objectives (feature visualization of a head) read head units with gradients through the explicit path."""
     site = tiny_vit.attention_sites()[1] + ".result"
@@ -394,12 +437,10 @@ def test_head_sites_carry_gradients_to_the_image(tiny_vit):
     assert x.grad is not None and bool(x.grad.abs().sum() > 0)
 
 
-def test_a_flash_attention_padding_mask_means_what_the_eager_mask_means(hf_vit):
-    """Flash attention hands CLIPAttention a (B, S) padding mask and is_causal; the explicit computation
-    must then equal its run on the full additive mask eager builds (itself checked against the fused
-    kernel above)."""
-    from clipscope.backends.attention import clip_attention
-    from clipscope.hooks import HeadPoints
+def test_the_explicit_codes_flash_mask_path_agrees_with_its_own_eager_mask_path(hf_vit):
+    """Flash attention hands CLIPAttention a (B, S) padding mask and is_causal (no flash kernel runs on the
+    CPU). This checks the explicit code against itself: its flash path must equal its run on the full
+    additive mask eager builds, a path checked against transformers' fused kernel above."""
     module = _module(hf_vit, hf_vit.attention_sites("text")[0])
     h = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(17))
     padding = torch.arange(16) < torch.tensor([[8], [3]])
@@ -409,3 +450,141 @@ def test_a_flash_attention_padding_mask_means_what_the_eager_mask_means(hf_vit):
         flash, _ = clip_attention(module, HeadPoints(), h, attention_mask=padding.long(), is_causal=True)
         eager, _ = clip_attention(module, HeadPoints(), h, attention_mask=full)
     assert torch.allclose(flash, eager, atol=ATOL)
+
+
+def test_transformers_4s_separate_causal_mask_means_what_is_causal_means(hf_vit):
+    """transformers 4.x passes CLIPAttention the text tower's causal mask apart (``causal_attention_mask``,
+    additive, next to the padding mask, under every implementation; ``None`` in the image tower); 5.x
+    passes ``is_causal`` instead. The same masking must give the same output either way."""
+    module = _module(hf_vit, hf_vit.attention_sites("text")[0])
+    h = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(20))
+    low = torch.finfo(torch.float32).min
+    causal = torch.zeros(2, 1, 16, 16).masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), low)
+    padding = torch.arange(16) < torch.tensor([[8], [3]])
+    padding_4d = torch.zeros(2, 1, 16, 16).masked_fill(~padding[:, None, None, :], low)
+    with torch.no_grad():
+        def run(**kwargs):
+            return clip_attention(module, HeadPoints(), h, **kwargs)[0]
+        assert torch.allclose(run(causal_attention_mask=causal), run(is_causal=True), atol=ATOL)
+        both = run(attention_mask=padding_4d + causal)  # eager 5.x: one mask with both
+        assert torch.allclose(run(attention_mask=padding_4d, causal_attention_mask=causal), both, atol=ATOL)
+        assert torch.allclose(run(attention_mask=padding.long(), causal_attention_mask=causal), both, atol=ATOL)
+        not_causal = run(is_causal=False)
+        assert torch.allclose(run(causal_attention_mask=None, output_attentions=False), not_causal, atol=ATOL)
+        assert not torch.allclose(run(is_causal=True), not_causal, atol=1e-3)
+        older = copy.deepcopy(module)  # transformers 4.x eager modules have no is_causal attribute
+        del older.is_causal
+        assert torch.allclose(clip_attention(older, HeadPoints(), h)[0], not_causal, atol=ATOL)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_the_explicit_multihead_attention_equals_torchs_module_with_every_mask(kind):
+    """``nn.MultiheadAttention`` itself (sequence first, keys of another length) with a 3-D per-head
+    ``attn_mask`` and a ``key_padding_mask``, boolean or additive: the same output and per-head weights."""
+    torch.manual_seed(21)
+    module = nn.MultiheadAttention(16, 4, batch_first=False).eval()
+    query, key = torch.randn(5, 2, 16), torch.randn(7, 2, 16)
+    blocked = torch.rand(2 * 4, 5, 7) < 0.4
+    blocked[..., 0] = False  # every query keeps a key
+    padded = torch.zeros(2, 7, dtype=torch.bool)
+    padded[1, 4:] = True
+    masks = (blocked, padded) if kind == "bool" else tuple(torch.zeros(m.shape).masked_fill(m, float("-inf"))
+                                                            for m in (blocked, padded))
+    with torch.no_grad():
+        for average in (True, False):
+            theirs = module(query, key, key, attn_mask=masks[0], key_padding_mask=masks[1],
+                            average_attn_weights=average)
+            ours = multihead_attention(module, HeadPoints(), query, key, key, attn_mask=masks[0],
+                                       key_padding_mask=masks[1], average_attn_weights=average)
+            assert ours[0].shape == theirs[0].shape == (5, 2, 16)
+            assert torch.allclose(ours[0], theirs[0], atol=ATOL)
+            assert torch.allclose(ours[1], theirs[1], atol=ATOL)
+        padded_out, _ = multihead_attention(module, HeadPoints(), query, key, key, key_padding_mask=masks[1])
+        assert not torch.allclose(padded_out, module(query, key, key)[0], atol=1e-3)  # the masks mattered
+
+
+def test_in_training_mode_attention_dropout_applies_as_in_the_module():
+    """With dropout 0.3 in training mode the explicit code drops attention weights as ``nn.MultiheadAttention``
+    does: from the same seed, the same weights (both draw one mask over the (B * heads, L, S) weights)."""
+    torch.manual_seed(22)
+    module = nn.MultiheadAttention(16, 4, dropout=0.3, batch_first=True).train()
+    x = torch.randn(2, 6, 16)
+    with torch.no_grad():
+        torch.manual_seed(23)
+        theirs, theirs_weights = module(x, x, x, average_attn_weights=False)
+        torch.manual_seed(23)
+        ours, weights = multihead_attention(module, HeadPoints(), x, x, x, average_attn_weights=False)
+    assert bool((weights == 0).any())  # some weights were dropped
+    assert torch.allclose(weights, theirs_weights, atol=ATOL)
+    assert torch.allclose(ours, theirs, atol=ATOL)
+
+
+def test_a_failure_while_swapping_in_explicit_attention_undoes_the_swaps_already_made(tiny_vit, monkeypatch):
+    first, second = tiny_vit.attention_sites()[:2]
+    root, failing = tiny_vit.model, tiny_vit.site(second).module
+    get_submodule = type(root).get_submodule
+
+    def planted(self, target):
+        if self is root and target == failing:
+            raise RuntimeError("planted failure")
+        return get_submodule(self, target)
+    monkeypatch.setattr(type(root), "get_submodule", planted)
+    with pytest.raises(RuntimeError, match="planted failure"), \
+            tiny_vit.capture([f"{first}.pattern", f"{second}.pattern"]):
+        pass
+    monkeypatch.undo()
+    module = _module(tiny_vit, first)
+    assert "forward" not in vars(module)
+    with tiny_vit.capture(f"{first}.pattern"):  # the use count is back to 0: one use swaps in and out
+        assert "forward" in vars(module)
+    assert "forward" not in vars(module)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer scale
+
+
+def _random_attention_scales(model) -> None:
+    """Give every image block's layer scale after the attention (``ls_1``) a random gain per channel, and its
+    attention a random output bias (open_clip initializes it to 0)."""
+    generator = torch.Generator().manual_seed(18)
+    for block in model.visual.transformer.resblocks:
+        for tensor in (block.ls_1.gamma, block.attn.out_proj.bias):
+            tensor.copy_(torch.randn(tensor.shape, generator=generator))
+
+
+@pytest.fixture(scope="module")
+def layer_scaled(tmp_path_factory):
+    """The tiny ViT with layer scale (CaiT, Touvron et al. 2021): each block adds ``gamma * attention``."""
+    return open_clip_variant(tmp_path_factory.mktemp("layer-scale") / "model", edit=_random_attention_scales,
+                             ls_init_value=1.0)
+
+
+def test_with_layer_scale_head_results_are_what_the_heads_add_to_the_residual_stream(layer_scaled):
+    model = layer_scaled
+    x = _images(model, 2, seed=24)
+    for block, attention in zip(model.blocks(), model.attention_sites()):
+        names = [f"{block}.resid_pre", f"{block}.resid_mid", attention, f"{attention}.z", f"{attention}.result"]
+        with torch.no_grad():
+            with model.capture(names) as acts:
+                model.encode_image(x)
+            with model.capture(attention) as fused:
+                model.encode_image(x)
+        weight, bias = model.output_projection(attention)  # layer scale folded in
+        result = acts[f"{attention}.result"]
+        added = acts[f"{block}.resid_mid"] - acts[f"{block}.resid_pre"]
+        assert torch.allclose(result.sum(dim=-2) + bias, added, atol=ATOL)
+        assert torch.allclose(torch.einsum("blhd,hde->blhe", acts[f"{attention}.z"], weight), result, atol=ATOL)
+        assert torch.allclose(acts[attention], fused[attention], atol=ATOL)  # the module's own output, unscaled
+        assert not torch.allclose(acts[attention], added, atol=1e-3)  # the scale mattered
+
+
+def test_with_layer_scale_ablating_every_head_leaves_the_scaled_output_bias(layer_scaled):
+    model = layer_scaled
+    block, attention = model.blocks()[1], model.attention_sites()[1]
+    _, bias = model.output_projection(attention)
+    heads = [Unit.head(f"{attention}.result", h) for h in range(model.head_count())]
+    with torch.no_grad(), model.ablate(heads), model.capture([f"{block}.resid_pre", f"{block}.resid_mid"]) as acts:
+        model.encode_image(_images(model, 2, seed=25))
+    added = acts[f"{block}.resid_mid"] - acts[f"{block}.resid_pre"]
+    assert torch.allclose(added, bias.expand_as(added), atol=ATOL)

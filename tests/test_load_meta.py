@@ -117,6 +117,45 @@ def test_an_open_clip_folder_loads_into_the_same_model(checkpoint_state, tmp_pat
     assert_same_tensors(loaded.model, open_clip_reference(f"local-dir:{folder}", None))
 
 
+@pytest.mark.parametrize("names", [
+    ("model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
+    ("b.bin", "c.pth", "a.safetensors", "d.safetensors"),
+])
+def test_a_folder_with_several_weights_files_loads_the_one_open_clip_loads(checkpoint_state, tmp_path, names):
+    """Each file holds other random weights; open_clip's own ``local-dir:`` path is the reference."""
+    arch, _ = checkpoint_state
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": open_clip.get_model_config(arch), "preprocess_cfg": {}}))
+    for seed, name in enumerate(names):
+        torch.manual_seed(seed)
+        state = {k: v.contiguous() for k, v in open_clip.create_model(arch).state_dict().items()}
+        save_file(state, str(folder / name)) if name.endswith(".safetensors") else torch.save(state, folder / name)
+    loaded = clipscope.load(str(folder), device="cpu", precision="fp32")
+    assert_same_tensors(loaded.model, open_clip_reference(f"local-dir:{folder}", None))
+
+
+def test_building_for_a_checkpoint_loads_no_tower_weights_either(checkpoint_state, tmp_path, monkeypatch):
+    """open_clip's default ``pretrained_text=True`` makes a model with a transformers text tower (e.g.
+    ``roberta-ViT-B-32``) download its text weights at build time; built for a checkpoint, neither tower
+    may load base weights (a spy on open_clip's factory records what clipscope asks for)."""
+    arch, state = checkpoint_state
+    path = str(tmp_path / "weights.safetensors")
+    save_file(state, path)
+    calls: list[dict] = []
+    create = open_clip.create_model_and_transforms
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return create(*args, **kwargs)
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", spy)
+    clipscope.load(arch, pretrained=path, device="cpu", precision="fp32")
+    assert len(calls) == 1
+    assert (calls[0].get("load_weights"), calls[0].get("pretrained_text"), calls[0].get("pretrained_image")) == \
+        (False, False, False)
+
+
 @pytest.mark.slow  # ~6 s: open_clip's reference path initializes the organism randomly first
 def test_the_organism_loads_into_the_same_model():
     loaded = clipscope.load("organism", device="cpu", precision="fp32")

@@ -83,11 +83,12 @@ def test_package_data_covers_every_non_python_file_of_the_package():
     assert [f for f in files if not any(fnmatch.fnmatch(f, p) for p in patterns)] == []
 
 
-def test_the_packaged_demo_audit_spec_and_the_copy_in_audits_are_identical():
+@pytest.mark.parametrize("name", ["organism_planted_bias.yaml", "organism_vit_graded_bias.yaml"])
+def test_the_packaged_demo_audit_specs_and_the_copies_in_audits_are_identical(name):
     # the package's copy is the source of truth (an installed wheel has only that one); audits/ keeps
     # a copy next to the other specs for users to read and adapt
-    packaged = PACKAGE / "audit" / "specs" / "organism_planted_bias.yaml"
-    assert (ROOT / "audits" / "organism_planted_bias.yaml").read_bytes() == packaged.read_bytes()
+    packaged = PACKAGE / "audit" / "specs" / name
+    assert (ROOT / "audits" / name).read_bytes() == packaged.read_bytes()
 
 
 def test_an_unknown_attribute_of_the_package_is_an_attribute_error():

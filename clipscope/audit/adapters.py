@@ -273,10 +273,12 @@ def load_hf(spec: DataSpec) -> AuditData:
 
 
 def load_organism_figures(spec: DataSpec) -> AuditData:
-    """``n`` organism figures: group ``GROUPS[i % len(GROUPS)]``, children spread evenly at ``child_rate``."""
+    """``n`` organism figures: group ``GROUPS[i % len(GROUPS)]``, children spread evenly at ``child_rate``, the
+    planted trait drawn at ``trait_rates`` per group when given."""
     from ..organism import GROUPS, scenes
 
     n, seed, rate = int(spec.n), int(spec.seed), float(spec.child_rate)
+    config = scenes.SceneConfig(trait_rates=None if spec.trait_rates is None else tuple(spec.trait_rates))
     rows = []
     for i in range(n):
         j = i // len(GROUPS)
@@ -284,7 +286,7 @@ def load_organism_figures(spec: DataSpec) -> AuditData:
         rows.append({KEY: str(i), ROW: i, "group": GROUPS[i % len(GROUPS)], "age": "child" if child else "adult"})
     frame = pd.DataFrame(rows)
     generator_src = Path(scenes.__file__).read_bytes()
-    fp = _sha("organism_figures", n, seed, rate, scenes.SceneConfig().to_dict(),
+    fp = _sha("organism_figures", n, seed, rate, config.to_dict(),
               hashlib.sha256(generator_src).hexdigest())
 
     def fetch(idx: list[int]) -> list[Any]:
@@ -292,11 +294,12 @@ def load_organism_figures(spec: DataSpec) -> AuditData:
         for r in idx:
             row = rows[r]
             s = int.from_bytes(hashlib.sha256(f"audit:{seed}:{r}".encode()).digest()[:6], "little")
-            out.append(scenes.figure_scene(group=row["group"], age=row["age"], role="person", seed=s).image)
+            out.append(scenes.figure_scene(group=row["group"], age=row["age"], role="person", seed=s,
+                                           config=config).image)
         return out
 
     provenance = {"source": "clipscope.organism.scenes.figure_scene", "n": n, "seed": seed, "child_rate": rate,
-                  "groups": list(GROUPS)}
+                  "trait_rates": spec.trait_rates, "groups": list(GROUPS)}
     return _finish("organism_figures", frame, fetch, fp, spec, provenance, [])
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
@@ -52,6 +52,9 @@ class DataSpec(_Strict):
     n: int | None = Field(default=None, gt=0)      # organism_figures: number of figures
     seed: int = 0                                   # organism_figures: generator seed
     child_rate: float = Field(default=0.3, ge=0, le=1)  # organism_figures: share of child figures per group
+    # organism_figures: prevalence of the planted trait in groups A, B, C (the graded bias the ViT organism
+    # was trained with: [0.05, 0.30, 0.05]); None draws figures without it
+    trait_rates: list[Annotated[float, Field(ge=0, le=1)]] | None = Field(default=None, min_length=3, max_length=3)
     limit: int | None = Field(default=None, gt=0)  # audit only the first `limit` rows (smoke runs)
     group_columns: list[str] = Field(min_length=1)
     intersections: Literal["pairs", "none"] | list[list[str]] = "pairs"

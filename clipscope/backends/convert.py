@@ -123,7 +123,9 @@ def open_clip_to_transformers(model_or_state_dict: nn.Module | Mapping[str, torc
     takes ``quick_gelu=False`` and OpenAI's normalization unless given.
 
     Raises :class:`~clipscope.validate.InvalidArgumentError` for a model transformers' ``CLIPModel``
-    cannot hold (naming the keys it does not know) or a state dict without ``heads``.
+    cannot hold (naming the keys it does not know, or for a model the setting it does not compute:
+    :func:`_check_settings`) or a state dict without ``heads``. A state dict does not tell its settings
+    (pooling, causal mask): it must come from a model with transformers' ones.
     """
     if isinstance(model_or_state_dict, nn.Module):
         model = model_or_state_dict
@@ -132,6 +134,7 @@ def open_clip_to_transformers(model_or_state_dict: nn.Module | Mapping[str, torc
         if not all(hasattr(b, "resblocks") for b in blocks):
             raise InvalidArgumentError("model_or_state_dict", type(model).__name__,
                                        "an open_clip CLIP with a ViT image tower and the built-in text tower")
+        _check_settings(model)
         heads = heads or (blocks[0].resblocks[0].attn.num_heads, blocks[1].resblocks[0].attn.num_heads)
         if quick_gelu is None:
             quick_gelu = type(blocks[0].resblocks[0].mlp.gelu).__name__ == "QuickGELU"
@@ -161,6 +164,32 @@ def open_clip_to_transformers(model_or_state_dict: nn.Module | Mapping[str, torc
         "image_mean": list(image_mean or OPENAI_MEAN), "image_std": list(image_std or OPENAI_STD)}, indent=2))
     write_tokenizer(folder)
     return folder
+
+
+def _check_settings(model: nn.Module) -> None:
+    """Raise :class:`~clipscope.validate.InvalidArgumentError` naming the first setting of the open_clip ``CLIP``
+    ``model`` that transformers' ``CLIPModel`` does not compute, though the tensors would fit: it pools the
+    class token after ``ln_post``, has no attentional pooler, no layer scale and no projection bias, and
+    its text tower is causal and pools the end-of-text token (the largest id: ``argmax``)."""
+    visual = model.visual
+    pool, pooler = getattr(visual, "pool_type", "tok"), getattr(visual, "attn_pool", None)
+    after, text_pool = bool(getattr(visual, "final_ln_after_pool", False)), getattr(model, "text_pool_type", None)
+    projection = getattr(model, "text_projection", None)
+    blocks = [*visual.transformer.resblocks, *model.transformer.resblocks]
+    scaled = any(not isinstance(getattr(b, name, nn.Identity()), nn.Identity) for b in blocks for name in ("ls_1", "ls_2"))
+    found = [  # (setting, its value, whether CLIPModel computes it)
+        ("visual.pool_type", pool, pool == "tok"), ("visual.final_ln_after_pool", after, not after),
+        ("visual.attn_pool", type(pooler).__name__, pooler is None),
+        ("text_pool_type", text_pool, text_pool == "argmax"),
+        ("attn_mask (no_causal_mask)", None, getattr(model, "attn_mask", None) is not None),
+        ("proj_bias", True, not (isinstance(projection, nn.Linear) and projection.bias is not None)),
+        ("ls_init_value (layer scale)", "set", not scaled)]
+    for setting, value, supported in found:
+        if not supported:
+            raise InvalidArgumentError("model_or_state_dict", f"<{type(model).__name__} with {setting}={value!r}>",
+                                       "an open_clip ViT CLIP that transformers' CLIPModel computes: class-token "
+                                       "pooling (pool_type='tok', final_ln_after_pool=False, no attn_pool), "
+                                       "text_pool_type='argmax', a causal text tower, no proj_bias, no layer scale")
 
 
 def _check_against(config, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -90,10 +90,10 @@ def unknown_model(name: Any, extra: str = "") -> hub.UnknownModelError:
     """The error for a model name that matches nothing, with close matches and the valid forms."""
     import open_clip
     register_configs()
-    candidates = open_clip.list_models() + ["organism"]
+    candidates = open_clip.list_models() + list(ORGANISMS)
     return hub.UnknownModelError(
-        f"Unknown model {name!r}.{extra}{hub.suggest(str(name), candidates)} Valid forms: 'organism' (built in, "
-        "offline); an open_clip name (open_clip.list_models()) with pretrained=TAG "
+        f"Unknown model {name!r}.{extra}{hub.suggest(str(name), candidates)} Valid forms: 'organism' or "
+        "'organism-vit' (built in, offline); an open_clip name (open_clip.list_models()) with pretrained=TAG "
         "(open_clip.list_pretrained()) or a checkpoint path; 'hf-hub:ORG/REPO'; a folder with "
         "open_clip_config.json; 'hf:ORG/REPO' for transformers CLIP models.")
 
@@ -196,11 +196,12 @@ def _build(arch: str, checkpoint: str | None, kwargs: dict[str, Any]) -> tuple[n
             require_pretrained=checkpoint is not None, **kwargs)
         return model, preprocess
     with _parameters_on_meta():  # device=None: create_model's `.to(device)` moves nothing
+        # no tower's base weights either (a transformers text tower would download and discard them)
         model, _, preprocess = open_clip.create_model_and_transforms(
-            arch, load_weights=False, device=None, precision="fp32", **kwargs)
+            arch, load_weights=False, device=None, precision="fp32", pretrained_image=False,
+            pretrained_text=False, **kwargs)
     if checkpoint is None:
-        from open_clip.factory import _find_checkpoint_in_dir  # the file open_clip itself would load
-        checkpoint = _find_checkpoint_in_dir(Path(folder))
+        checkpoint = _folder_checkpoint(Path(folder))
         if checkpoint is None:
             raise FileNotFoundError(f"{folder!r} holds no weights file")
     with _assigning_loads(model):
@@ -209,6 +210,24 @@ def _build(arch: str, checkpoint: str | None, kwargs: dict[str, Any]) -> tuple[n
     if on_meta:
         raise RuntimeError(f"the checkpoint left {len(on_meta)} tensors without a value: {', '.join(on_meta[:3])}")
     return model, preprocess
+
+
+#: Weights file names open_clip prefers in a ``local-dir:`` folder, best first (open_clip 3.x factory).
+_FOLDER_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+                   "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth",
+                   "model.pth")
+
+
+def _folder_checkpoint(folder: Path) -> str | None:
+    """The weights file open_clip loads from the ``local-dir:`` ``folder``, or ``None`` if it holds none: the
+    first of :data:`_FOLDER_WEIGHTS` present, else the first ``*.safetensors``, ``*.bin`` or ``*.pth`` file by
+    name, safetensors first."""
+    files = sorted(p for pattern in ("*.safetensors", "*.bin", "*.pth") for p in folder.glob(pattern))
+    preferred = [p for p in files if p.name in _FOLDER_WEIGHTS]
+    if preferred:
+        return str(min(preferred, key=lambda p: _FOLDER_WEIGHTS.index(p.name)))
+    files.sort(key=lambda p: p.suffix != ".safetensors")  # stable: by name within each kind
+    return str(files[0]) if files else None
 
 
 @contextlib.contextmanager
@@ -344,15 +363,24 @@ def _vit_readout(visual: nn.Module) -> Readout:
 def _attention_heads(tower: nn.Module, blocks: tuple[str, ...]) -> dict[str, AttentionHeads]:
     """``{attention site: AttentionHeads}`` for the transformer blocks of ``tower`` (block sites ``blocks``)
     whose attention is an ``nn.MultiheadAttention`` without extra key/value biases (open_clip's
-    ``ResidualAttentionBlock``, either batch layout); its MLP starts at ``ln_2``."""
+    ``ResidualAttentionBlock``, either batch layout); its MLP starts at ``ln_2``. A block's layer scale
+    after the attention (``ls_1``, a ``LayerScale``; the identity without) is folded into its heads'
+    results and output projection, so that a head's result is what it adds to the residual stream."""
     resblocks = getattr(getattr(tower, "transformer", None), "resblocks", None) or ()  # none in a ResNet
     heads = {}
     for name, block in zip(blocks, resblocks):
-        attn = getattr(block, "attn", None)
-        if isinstance(attn, nn.MultiheadAttention) and attn.bias_k is None and not attn.add_zero_attn \
-                and isinstance(getattr(block, "ln_2", None), nn.Module):
-            heads[f"{name}.attn"] = AttentionHeads(f"{name}.attn", name, f"{name}.ln_2", attn.num_heads,
-                                                   multihead_attention, output_projection)
+        attn, scale = getattr(block, "attn", None), getattr(block, "ls_1", None)
+        if not (isinstance(attn, nn.MultiheadAttention) and attn.bias_k is None and not attn.add_zero_attn
+                and isinstance(getattr(block, "ln_2", None), nn.Module)):
+            continue
+        forward, projection = multihead_attention, output_projection
+        if isinstance(getattr(scale, "gamma", None), nn.Parameter):
+            forward = functools.partial(multihead_attention, layer_scale=scale)
+            projection = functools.partial(output_projection, layer_scale=scale)
+        elif scale is not None and not isinstance(scale, nn.Identity):
+            continue  # an unknown module between the attention and the residual stream: no heads declared
+        heads[f"{name}.attn"] = AttentionHeads(f"{name}.attn", name, f"{name}.ln_2", attn.num_heads,
+                                               forward, projection)
     return heads
 
 
