@@ -173,3 +173,28 @@ def unreachable_hub(monkeypatch):
     probe.close()
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
+def write_tiny_hf_clip(folder: Path, *, seed: int, text_layers: int = 1,
+                       mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073),
+                       std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)) -> Path:
+    """Write a random transformers CLIP (width 32, 2 heads, 2 vision layers, 32 px, patch 8; ``text_layers``
+    text layers; weights from ``torch.manual_seed(seed)``), its tokenizer and preprocessor config into
+    ``folder``, as ``clipscope.load("hf:" + folder)`` reads it. Returns ``folder``."""
+    import json
+    import transformers
+    from clipscope.backends.convert import write_tokenizer
+    torch.manual_seed(seed)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=text_layers,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=49406,
+                         eos_token_id=49407, pad_token_id=49407),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    transformers.CLIPModel(config).save_pretrained(folder, safe_serialization=True)
+    write_tokenizer(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": {"height": 32, "width": 32}, "size": {"shortest_edge": 32}, "do_center_crop": True,
+        "image_mean": list(mean), "image_std": list(std), "resample": 3}))
+    return folder

@@ -11,18 +11,16 @@ most 7e-7 absolute (embeddings of norm about 5) and are held to 1e-5.
 """
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import clipscope
-from clipscope.backends.convert import write_tokenizer
 from clipscope.decompose import Decomposition, decompose
 from clipscope.validate import InvalidArgumentError
 
-from .conftest import DEVICE, PRECISION, make_images, open_clip_variant
+from .conftest import DEVICE, PRECISION, make_images, open_clip_variant, write_tiny_hf_clip
 
 pytestmark = pytest.mark.skipif(PRECISION != "fp32", reason="equalities measured in fp32")
 
@@ -37,21 +35,9 @@ def images():
 @pytest.fixture(scope="module")
 def hf_vit(tmp_path_factory):
     """A random transformers CLIPModel (2 layers, 2 heads, 32 px, patch 8) loaded from a local folder."""
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("hf-vit")
-    torch.manual_seed(1)
-    config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=49406,
-                         eos_token_id=49407, pad_token_id=49407),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    transformers.CLIPModel(config).save_pretrained(folder, safe_serialization=True)
-    write_tokenizer(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "crop_size": {"height": 32, "width": 32}, "size": {"shortest_edge": 32}, "do_center_crop": True,
-        "image_mean": [0.48, 0.46, 0.41], "image_std": [0.27, 0.26, 0.28], "resample": 3}))
+    pytest.importorskip("transformers")
+    folder = write_tiny_hf_clip(tmp_path_factory.mktemp("hf-vit"), seed=1, mean=(0.48, 0.46, 0.41),
+                                std=(0.27, 0.26, 0.28))
     return clipscope.load(f"hf:{folder}", device=DEVICE, precision=PRECISION)
 
 

@@ -13,7 +13,6 @@ block runs the same explicit code on both sides).
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
@@ -22,11 +21,11 @@ from torch import nn
 import clipscope
 from clipscope import Unit
 from clipscope.backends.attention import clip_attention, multihead_attention
-from clipscope.backends.convert import open_clip_to_transformers, write_tokenizer
+from clipscope.backends.convert import open_clip_to_transformers
 from clipscope.hooks import HeadPoints
 from clipscope.validate import InvalidArgumentError
 
-from .conftest import DEVICE, PRECISION, open_clip_variant
+from .conftest import DEVICE, PRECISION, open_clip_variant, write_tiny_hf_clip
 
 pytestmark = pytest.mark.skipif(PRECISION != "fp32", reason="equivalences to 1e-5 hold in fp32 only")
 ATOL = 1e-5
@@ -54,21 +53,9 @@ def _fused_and_explicit(model, site: str, forward) -> tuple[torch.Tensor, torch.
 @pytest.fixture(scope="module")
 def hf_vit(tmp_path_factory):
     """A random transformers CLIP (2 vision layers, 2 text layers, 2 heads) loaded as ``hf:/folder``."""
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("hf-heads")
-    torch.manual_seed(0)
-    config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=49406,
-                         eos_token_id=49407, pad_token_id=49407),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    transformers.CLIPModel(config).save_pretrained(folder, safe_serialization=True)
-    write_tokenizer(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "crop_size": {"height": 32, "width": 32}, "size": {"shortest_edge": 32}, "do_center_crop": True,
-        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25], "resample": 3}))
+    pytest.importorskip("transformers")
+    folder = write_tiny_hf_clip(tmp_path_factory.mktemp("hf-heads"), seed=0, text_layers=2,
+                                mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     return clipscope.load(f"hf:{folder}", device=DEVICE, precision=PRECISION)
 
 

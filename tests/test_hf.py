@@ -1,7 +1,6 @@
 """transformers CLIPModel ids ("hf:ORG/REPO") behind the same ClipModel interface."""
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -10,43 +9,16 @@ import torch
 import clipscope
 from clipscope import Unit, UnsafeCheckpointError
 
-from .conftest import DEVICE, PRECISION, make_images
+from .conftest import DEVICE, PRECISION, make_images, write_tiny_hf_clip
 
 transformers = pytest.importorskip("transformers")
 
 REPO = "openai/clip-vit-base-patch32"
 
 
-def _tokenizer_files(folder):
-    """A real CLIP BPE tokenizer, built from the vocabulary open_clip ships."""
-    from open_clip.tokenizer import SimpleTokenizer
-    simple = SimpleTokenizer()
-    merges = [tuple(pair) for pair, _ in sorted(simple.bpe_ranks.items(), key=lambda kv: kv[1])]
-    # open_clip spells the special tokens <start_of_text>; the OpenAI/transformers vocabulary <|startoftext|>
-    renamed = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    vocab = {renamed.get(token, token): i for token, i in simple.encoder.items()}
-    tok = transformers.CLIPTokenizer(vocab=vocab, merges=merges)
-    tok.save_pretrained(folder)
-
-
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hf-clip")
-    torch.manual_seed(0)
-    config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=49406,
-                         eos_token_id=49407, pad_token_id=49407),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    transformers.CLIPModel(config).save_pretrained(folder, safe_serialization=True)
-    _tokenizer_files(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "crop_size": {"height": 32, "width": 32}, "size": {"shortest_edge": 32}, "do_center_crop": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "resample": 3}))
-    return folder
+    return write_tiny_hf_clip(tmp_path_factory.mktemp("hf-clip"), seed=0)
 
 
 @pytest.fixture
