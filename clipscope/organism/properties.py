@@ -16,6 +16,7 @@ and returns a dataclass of numbers:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field, asdict
 from typing import Dict, Optional, Sequence, Tuple
@@ -165,10 +166,13 @@ def word_localization(model, n: int = 60, seed: int = EVAL_SEED + 4,
     """Where a ViT's direct effect towards the *written* shape name comes from, on ``n`` attack images.
 
     Each attacked image (:func:`attack_pairs`) is decomposed (:func:`clipscope.decompose.decompose`,
-    Gandelsman et al., ICLR 2024) on the shape classes; the heads' effect towards the written class is
-    summed over layers and heads per source patch, and its positive part split into the patches whose
-    centre lies inside the word's box and the rest.  Returns the mean share under the word, and for
-    comparison the mean share of patches under the word.
+    Gandelsman et al., ICLR 2024) on the shape classes.  A part's effect *towards a class* is taken
+    relative to the mean over the classes (:func:`class_contrast`): zero-shot probabilities are a softmax
+    over classes, so a part that moves every class alike changes no prediction.  That effect towards the
+    written class is summed over layers and heads per source patch, and its positive part split into the
+    patches whose centre lies inside the word's box and the rest.  Returns the mean share under the word,
+    for comparison the mean share of patches under the word, and the heads ranked by their mean effect
+    towards the written class.
     """
     from ..decompose import decompose
     pairs = attack_pairs(n, seed=seed, config=config)
@@ -181,7 +185,7 @@ def word_localization(model, n: int = 60, seed: int = EVAL_SEED + 4,
         under = ((cx >= x0) & (cx <= x1) & (cy >= y0) & (cy <= y1)).ravel()
         shares.append(_patch_share(d, i, k, under))
         areas.append(float(under.mean()))
-        effects.append(d.heads[i, ..., k].sum(dim=-1).numpy())
+        effects.append(class_contrast(d.heads[i], k).sum(dim=-1).numpy())
     mean_effect = np.mean(effects, axis=0)
     order = np.argsort(-mean_effect, axis=None)[:5]
     top = tuple((int(l), int(h), float(mean_effect[l, h])) for l, h in zip(*np.unravel_index(order, mean_effect.shape)))
@@ -209,6 +213,69 @@ def colour_localization(model, n: int = 24, seed: int = EVAL_SEED + 5,
     return float(np.mean(shares)), float(np.mean(areas))
 
 
+@dataclass
+class HeadAblationResult:
+    """Typographic attack with heads mean-ablated: per condition ("none", "reading", "random": the mean over
+    the random draws) the clean shape accuracy, attacked shape accuracy and attack success (fractions)."""
+    heads: Tuple[Tuple[int, int], ...]            # the reading heads (layer, head), chosen on other images
+    clean_accuracy: Dict[str, float]
+    attacked_accuracy: Dict[str, float]
+    attack_success_rate: Dict[str, float]
+    random_heads: Tuple[Tuple[Tuple[int, int], ...], ...]  # the head set of each random draw
+    random_success: Tuple[float, ...]             # attack success of each random draw
+    n: int
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def reading_head_ablation(model, k: int = 3, n_select: int = 60, n_eval: int = 300, n_reference: int = 120,
+                          draws: int = 5, seed: int = EVAL_SEED + 6,
+                          templates: Sequence[str] = ZERO_SHOT_TEMPLATES,
+                          config: SceneConfig = SceneConfig()) -> HeadAblationResult:
+    """Mean-ablate a ViT's ``k`` reading heads vs ``k`` random heads under the typographic attack of :func:`reading`.
+
+    The reading heads are the ``k`` heads with the largest mean direct effect towards the written shape
+    (:func:`word_localization` on ``n_select`` attack images, seed ``seed``), as in Dyslexify (ICLR 2026). They are
+    scored on ``n_eval`` other attack pairs (seed ``seed + 1``): each head's write to the residual stream
+    (``A.result``) is replaced by its mean over ``n_reference`` word-free object scenes (seed ``seed + 2``), and
+    the same is done for ``draws`` sets of ``k`` random other heads.  Attack success as in :func:`reading`.
+    """
+    if not 1 <= k <= 5:
+        raise ValueError(f"k must be between 1 and 5 (word_localization ranks 5 heads), got {k!r}")
+    heads = tuple((l, h) for l, h, _ in word_localization(model, n=n_select, seed=seed, templates=templates,
+                                                             config=config).top_heads[:k])
+    sites = [f"{a}.result" for a in model.attention_sites("visual")]
+    reference = [object_scene(rng=scene_rng(seed + 2, i, "reference"), config=config).image for i in range(n_reference)]
+    means = model.mean_activations(reference, sites, progress=False)
+    pairs = attack_pairs(n_eval, seed=seed + 1, config=config)
+    y = np.array([SHAPES.index(p[2]) for p in pairs])
+    a = np.array([SHAPES.index(p[3]) for p in pairs])
+
+    def score(chosen) -> Tuple[float, float, float]:
+        from ..hooks import Unit
+        units = [Unit.head(sites[l], h) for l, h in chosen]
+        context = model.ablate(units, value=means) if units else contextlib.nullcontext()
+        with context:
+            pc = _predict(model, _features(model, [p[0] for p in pairs]), SHAPES, templates)
+            pa = _predict(model, _features(model, [p[1] for p in pairs]), SHAPES, templates)
+        eligible = pc != a
+        return float((pc == y).mean()), float((pa == y).mean()), float((pa[eligible] == a[eligible]).mean())
+
+    rng = np.random.default_rng(seed)
+    others = [(l, h) for l in range(len(sites)) for h in range(model.head_count("visual")) if (l, h) not in heads]
+    random_sets = tuple(tuple(others[j] for j in sorted(rng.choice(len(others), size=k, replace=False)))
+                        for _ in range(draws))
+    results = {"none": score(()), "reading": score(heads)}
+    random_scores = [score(chosen) for chosen in random_sets]
+    results["random"] = tuple(float(np.mean(col)) for col in zip(*random_scores))
+    return HeadAblationResult(
+        heads=heads, clean_accuracy={c: r[0] for c, r in results.items()},
+        attacked_accuracy={c: r[1] for c, r in results.items()},
+        attack_success_rate={c: r[2] for c, r in results.items()},
+        random_heads=random_sets, random_success=tuple(r[2] for r in random_scores), n=n_eval)
+
+
 def _patch_centres(grid: Tuple[int, int], size: int) -> Tuple[np.ndarray, np.ndarray]:
     """Pixel x and y of every patch centre, each ``grid``-shaped."""
     rows, cols = grid
@@ -217,9 +284,16 @@ def _patch_centres(grid: Tuple[int, int], size: int) -> Tuple[np.ndarray, np.nda
     return cx, cy
 
 
+def class_contrast(effects: torch.Tensor, k: int) -> torch.Tensor:
+    """Effects ``(..., targets)`` towards target ``k`` minus their mean over the targets (the part that
+    changes the zero-shot softmax), shape ``(...)``."""
+    return effects[..., k] - effects.mean(dim=-1)
+
+
 def _patch_share(d, i: int, k: int, mask: np.ndarray) -> float:
-    """Share of image ``i``'s positive per-patch head effect towards target ``k`` that lies in ``mask``."""
-    patch = d.heads[i, ..., d.prefix_tokens:, k].sum(dim=(0, 1)).clamp(min=0).numpy()
+    """Share of image ``i``'s positive per-patch head effect towards target ``k`` (relative to the mean over
+    the targets, :func:`class_contrast`) that lies in ``mask``."""
+    patch = class_contrast(d.heads[i, ..., d.prefix_tokens:, :], k).sum(dim=(0, 1)).clamp(min=0).numpy()
     return float(patch[mask].sum() / max(patch.sum(), 1e-12))
 
 
@@ -509,6 +583,7 @@ def measure_all(model, config: SceneConfig, population: int = 0) -> dict:
     if model.patch_grid is not None:
         steps.append(("word_localization", word_localization))
         steps.append(("colour_localization", lambda m: dict(zip(("share", "area"), colour_localization(m)))))
+        steps.append(("reading_head_ablation", reading_head_ablation))
     if population > 0:
         steps.append(("population", lambda m: population_truth(m, population, config)))
     for name, fn in steps:
