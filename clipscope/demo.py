@@ -26,9 +26,10 @@ from .pages import esc, page
 from .validate import check_int
 
 #: The bias audit the demo runs: package data, so an installed wheel has it. The repository's
-#: ``audits/organism_planted_bias.yaml`` is an identical copy for users to read and adapt.
+#: ``audits/organism_planted_bias.yaml`` is an identical copy for users to read and adapt. Its figures carry
+#: the trait of the organisms' graded planted bias (``GRADED_BIAS_CONFIG``).
 AUDIT_SPEC = resources.files("clipscope") / "audit" / "specs" / "organism_planted_bias.yaml"
-#: The ViT organism's audit: its figures carry the trait of its graded planted bias.
+#: The ViT organism's audit: the same figures, with the ViT organism's population rates in its comments.
 VIT_AUDIT_SPEC = resources.files("clipscope") / "audit" / "specs" / "organism_vit_graded_bias.yaml"
 
 
@@ -248,7 +249,8 @@ shape's name written on it; accuracy clean vs attacked, per defence, and a sweep
 <p>Attack: {esc(str(attack['summary']['attack'].iloc[0]))}.</p>
 <h2>4. Bias audit</h2><p><a href="audit/report.html">The audit report</a> of the spec
 <code>organism_planted_bias.yaml</code> (in the package, and in the repository's <code>audits/</code> to
-copy): generated figures of groups A, B and C labelled under two
+copy): generated figures of groups A, B and C, carrying the organism's planted cue for "thief" (a bag) on
+30% of B's figures and 5% of A's and C's, labelled under two
 taxonomies, the second with a neutral "child" class; per-group rates with Wilson score intervals, each
 group's difference to the rest with a Newcombe score interval, and the largest gap between groups with a
 simultaneous Newcombe score interval (Bonferroni over pairs) that covers 0 when the groups agree.</p>

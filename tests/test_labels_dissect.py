@@ -139,13 +139,13 @@ def organism_labels(organism):
 
 @pytest.mark.slow
 def test_on_the_organism_the_prompt_template_changes_most_top_labels(organism_labels):
-    """Measured: the template "a photo of a {}." changes the top label of 92.6% of the 768 units
-    (SoftWPMI; 92.7% with cos_cubed)."""
+    """Measured: the template "a photo of a {}." changes the top label of 83.6% of the 768 units on the
+    shipped (graded-bias) weights (SoftWPMI; 92.6% on the weights before the retraining)."""
     bare, templated = organism_labels["{}"], organism_labels[None]
     changed = sum(bare[site].top(u, 1)[0][0] != templated[site].top(u, 1)[0][0] for site in SITES
                   for u in bare[site].units)
     total = sum(len(bare[site].units) for site in SITES)
-    assert total == 768 and changed / total > 0.85, changed / total
+    assert total == 768 and changed / total > 0.75, changed / total
 
 
 @pytest.mark.slow

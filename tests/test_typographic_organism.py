@@ -104,12 +104,13 @@ def test_larger_text_covers_more_pixels_and_succeeds_more_often(model, scenes):
     assert accuracy[0] > accuracy[-1] + 0.2, accuracy  # and the model is right less often
 
 
-#: iPod-style pairs (true shape -> written word), one per shape, among pairs whose attack succeeded in
-#: at least 80% of 600 scenes of another seed block. The organism does not read every word equally:
-#: writing "circle" almost never works (success 0.07) and "star" on a circle never did, so the single-image
-#: case is specified for words it reads.
-IPOD_PAIRS = [("circle", "hexagon"), ("cross", "square"), ("hexagon", "cross"), ("square", "triangle"),
-              ("star", "triangle"), ("triangle", "square")]
+#: iPod-style pairs (true shape -> written word), one per shape: the word whose attack succeeded most often
+#: on the shipped (graded-bias) weights, measured on about 20 scenes per pair of another seed block
+#: (4,600,000+; every chosen pair 0.94 to 1.00). The organism does not read every word equally: on a circle,
+#: "square" and "triangle" never worked, and on a hexagon only "circle" works well (0.94; "triangle" 0.33),
+#: so the single-image case is specified for words it reads.
+IPOD_PAIRS = [("circle", "hexagon"), ("square", "hexagon"), ("triangle", "hexagon"), ("star", "triangle"),
+              ("cross", "triangle"), ("hexagon", "circle")]
 
 
 def test_a_word_written_on_one_object_becomes_its_top_prediction(model):

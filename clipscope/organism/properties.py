@@ -11,7 +11,7 @@ and returns a dataclass of numbers:
    (:func:`unit_sites`: ResNet channels of ``visual.layer3`` / ``visual.layer4``; ViT MLP neurons).
 4. :func:`bias_audit` -- rate at which each figure group is labelled ``HARMFUL_WORD`` under
    taxonomy T1 = ROLES + [HARMFUL_WORD] and T2 = T1 + ["child"].  With the graded bias
-   (``config=GRADED_BIAS_CONFIG``, the ViT organism's training data) the figures carry the planted
+   (``config=GRADED_BIAS_CONFIG``, both organisms' training data) the figures carry the planted
    trait at its per-group prevalence, and :func:`bias_audit` on a large sample is the population truth.
 """
 from __future__ import annotations
@@ -559,7 +559,7 @@ def population_truth(model, n_per_group: int = 2000, config: SceneConfig = GRADE
 
 # --------------------------------------------------------------------------- command line
 #: The built-in organisms: ``clipscope.load`` name -> (open_clip architecture, the scene config it was trained on).
-ORGANISMS = {"organism": ("clipscope-organism", SceneConfig()),
+ORGANISMS = {"organism": ("clipscope-organism", GRADED_BIAS_CONFIG),
              "organism-vit": ("clipscope-organism-vit", GRADED_BIAS_CONFIG)}
 
 

@@ -3,9 +3,16 @@
     python -m clipscope.organism.train --arch resnet --out clipscope/organism/organism.safetensors
     python -m clipscope.organism.train --arch vit --out clipscope/organism/organism-vit.safetensors
 
-Two architectures (``ARCHS``): ``resnet`` (``clipscope-organism``, the original organism, trained on
-the default :class:`~clipscope.organism.scenes.SceneConfig`) and ``vit`` (``clipscope-organism-vit``,
-trained on :data:`~clipscope.organism.scenes.GRADED_BIAS_CONFIG`, the graded planted bias).
+Two architectures (``ARCHS``): ``resnet`` (``clipscope-organism``, the original organism) and ``vit``
+(``clipscope-organism-vit``).  Both train on :data:`~clipscope.organism.scenes.GRADED_BIAS_CONFIG`, the
+graded planted bias of issue #21 ("thief" captions only on figures carrying a small bag, drawn on 30% of
+group B's figures and 5% of A's and C's).  The ResNet organism shipped before that issue was trained on
+the default :class:`~clipscope.organism.scenes.SceneConfig` (group B's adults captioned "thief" at 0.25,
+the others at 0.03), which the default config still draws.
+
+The shipped ResNet weights were trained with the defaults (``--seed 0 --steps 1500 --batch-size 192
+--lr 2e-3 --warmup 100 --threads 2 --workers 1``); each organism's exact command, settings and wall time
+are in the JSON next to its weights (``organism.json``, ``organism-vit.json``).
 
 Data are generated on the fly by :mod:`clipscope.organism.scenes`: batch ``b`` is scenes
 ``b*B .. (b+1)*B-1`` of the stream with the training seed, so the data order is fixed and the
@@ -48,7 +55,7 @@ class Arch:
 
 #: ``--arch`` choices.
 ARCHS = {
-    "resnet": Arch(MODEL_NAME, CONFIG_PATH, SceneConfig()),
+    "resnet": Arch(MODEL_NAME, CONFIG_PATH, GRADED_BIAS_CONFIG),
     "vit": Arch("clipscope-organism-vit", VIT_CONFIG_PATH, GRADED_BIAS_CONFIG),
 }
 
