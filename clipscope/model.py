@@ -8,19 +8,22 @@ Name forms accepted by :func:`load`:
 - an open_clip name with a local checkpoint: ``load("ViT-B-32", pretrained="/path/w.safetensors")``;
 - ``"hf-hub:ORG/REPO"``: an open_clip model on the Hugging Face hub;
 - a local folder holding ``open_clip_config.json`` and the weights;
-- ``"hf:ORG/REPO"``: a transformers ``CLIPModel`` (needs the ``hf`` extra).
+- ``"hf:ORG/REPO"``: a transformers ``CLIPModel`` (needs the ``hf`` extra);
+- ``"endpoint:https://HOST/score"``: a deployed zero-shot endpoint, a black box that does zero-shot
+  classification only (:mod:`clipscope.backends.endpoint`; every other capability raises ``BlackBoxError``).
 
 Weights load safely: safetensors, or ``torch.load(weights_only=True)``; a
 checkpoint that needs pickled code is refused (:class:`~clipscope.hub.UnsafeCheckpointError`).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +37,10 @@ from .data import EmbeddedImages, ImageLoadError, iter_images, list_image_files,
 from .hooks import TOKEN_POOLS, Activations, HookedModel, Site, TokenPool, Tower, Unit, site_names, unit_means
 from .progress import progress_bar
 from .validate import InvalidArgumentError, check_choice, check_int, check_names
+
+#: Class lists whose embeddings a model keeps (least recently used dropped first): notebooks and audits reuse
+#: a handful; a server answering arbitrary label sets must not grow without bound.
+CLASS_CACHE_SIZE = 256
 
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -268,9 +275,10 @@ class ClipModel:
         self.architecture = architecture or Architecture()
         self._token_pool: TokenPool = "patches"
         self._hooked = HookedModel(model, towers, self.architecture.heads)
-        self._class_cache: dict[tuple, torch.Tensor] = {}
+        self._class_cache: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
         self._pixel_stats_cache: dict[tuple, torch.Tensor] = {}  # (dtype, device) -> (2, 3, 1, 1) mean, std
         self._embed_dim: int | None = None
+        self._embedding_transforms: list[str] = []  # tags of the transform_embeddings blocks in force
 
     def __repr__(self) -> str:
         tag = f", pretrained={self.pretrained!r}" if self.pretrained else ""
@@ -278,8 +286,37 @@ class ClipModel:
 
     @property
     def id(self) -> str:
-        """A string that identifies the weights (for cache keys)."""
-        return f"{self.name}|{self.pretrained}|{self.dtype}"
+        """A string that identifies the weights, and any :meth:`transform_embeddings` in force (for cache keys)."""
+        return "|".join([self.name, str(self.pretrained), str(self.dtype), *self._embedding_transforms])
+
+    @contextlib.contextmanager
+    def transform_embeddings(self, fn: Callable[[torch.Tensor], torch.Tensor], tag: str) -> Iterator[None]:
+        """Inside the block every image and text embedding the model computes is ``fn(embedding)`` (the
+        embedding before L2 normalization, ``(B, embed_dim)`` in, the same shape out), so everything built on
+        :meth:`encode_image` / :meth:`encode_text` (zero-shot heads, attack evaluation) sees the transformed
+        space; per-component analyses (:mod:`clipscope.decompose`) do not. ``tag`` names the transform in
+        :attr:`id` for the duration, so caches keyed by the id never mix transformed and plain embeddings.
+        Restored on exit, also after an error."""
+        if not isinstance(tag, str) or not tag or "|" in tag:
+            raise InvalidArgumentError("tag", tag, "a non-empty string without '|' that names the transform")
+        net, names = self.model, ("encode_image", "encode_text")
+        own = {name: net.__dict__[name] for name in names if name in net.__dict__}  # instance-level overrides
+
+        def wrap(encode: Callable) -> Callable:
+            return lambda *args, **kwargs: fn(encode(*args, **kwargs))
+
+        for name in names:
+            object.__setattr__(net, name, wrap(getattr(net, name)))
+        self._embedding_transforms.append(tag)
+        try:
+            yield
+        finally:
+            self._embedding_transforms.pop()
+            for name in names:
+                if name in own:
+                    object.__setattr__(net, name, own[name])
+                else:
+                    object.__delattr__(net, name)
 
     @property
     def logit_scale(self) -> float:
@@ -437,7 +474,8 @@ class ClipModel:
         ``classes`` must be unique, non-empty strings and ``templates`` valid (see
         :func:`~clipscope.prompts.resolve_templates`); otherwise
         :class:`~clipscope.validate.InvalidArgumentError` names the parameter. Cached by (model, classes,
-        templates); the cache is bypassed while an ablation touches the text tower.
+        templates), the :data:`CLASS_CACHE_SIZE` most recently used class lists; the cache is bypassed while
+        an ablation touches the text tower.
         """
         classes = check_names("classes", classes)
         return self._class_embeddings(classes, prompts.resolve_templates(templates, self.default_templates))
@@ -446,6 +484,7 @@ class ClipModel:
         key = (self.id, tuple(classes), templates)
         cacheable = "text" not in self._hooked.ablated_towers
         if cacheable and key in self._class_cache:
+            self._class_cache.move_to_end(key)
             return self._class_cache[key]
         texts = [p for c in classes for p in prompts.fill(templates, c)]
         with torch.no_grad():
@@ -453,6 +492,8 @@ class ClipModel:
         out = F.normalize(emb.mean(dim=1), dim=-1)
         if cacheable:
             self._class_cache[key] = out
+            if len(self._class_cache) > CLASS_CACHE_SIZE:  # least recently used first
+                self._class_cache.popitem(last=False)
         return out
 
     def classifier(self, classes: Sequence[str], templates: str | Sequence[str] | None = None) -> ZeroShotClassifier:
@@ -744,6 +785,8 @@ def load(name: str, pretrained: str | None = None, device: str | torch.device = 
         raise InvalidArgumentError("pretrained", pretrained, "None, a pretrained tag or a checkpoint path")
     pretrained = None if pretrained is None else os.fspath(pretrained)
     loaded = backends.load(name, pretrained, dev, dtype)
+    if not isinstance(loaded, backends.LoadedModel):  # a black-box backend (endpoint:URL) returns its model itself
+        return loaded
     return ClipModel(**{f.name: getattr(loaded, f.name) for f in dataclasses.fields(loaded)}, device=dev, dtype=dtype)
 
 

@@ -105,6 +105,32 @@ class TestZeroShot:
         tiny.zero_shot(images, self.CLASSES, templates="a sketch of a {}.")
         assert len(calls) == 1
 
+    def test_the_cache_keeps_only_the_most_recently_used_class_lists(self, tiny, monkeypatch):
+        import clipscope.model as model_module
+        monkeypatch.setattr(model_module, "CLASS_CACHE_SIZE", 2)
+        tiny._class_cache.clear()
+        for classes in (["a"], ["b"], ["a"], ["c"]):  # "a" used again before "c" arrives: "b" is dropped
+            tiny.class_embeddings(classes)
+        assert [key[1] for key in tiny._class_cache] == [("a",), ("c",)]
+
+    def test_transformed_embeddings_are_used_everywhere_and_named_in_the_id(self, tiny, images):
+        plain_image, plain_text, plain_id = tiny.encode_image(images), tiny.class_embeddings(self.CLASSES), tiny.id
+        flip = torch.ones(tiny.embed_dim)
+        flip[: tiny.embed_dim // 2] = -1  # an orthogonal map: unit norms stay unit norms
+
+        def transform(x):
+            return x * flip.to(x.device, x.dtype)
+        with pytest.raises(RuntimeError, match="inside"):
+            with tiny.transform_embeddings(transform, "flip"):
+                assert tiny.id == plain_id + "|flip"
+                assert torch.allclose(tiny.encode_image(images), plain_image * flip, atol=1e-6)
+                assert torch.allclose(tiny.class_embeddings(self.CLASSES), plain_text * flip, atol=1e-6)
+                raise RuntimeError("an error inside the block")
+        assert tiny.id == plain_id and "encode_image" not in vars(tiny.model)  # restored after the error
+        assert torch.equal(tiny.encode_image(images), plain_image)
+        with pytest.raises(ValueError, match="tag"):
+            tiny.transform_embeddings(transform, "a|b").__enter__()
+
     def test_the_cache_is_bypassed_while_the_text_tower_is_ablated(self, tiny, images):
         clean = tiny.class_embeddings(self.CLASSES)
         with tiny.ablate(Unit.neuron("text.ln_final", 0)):

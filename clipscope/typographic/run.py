@@ -18,30 +18,32 @@ Configuration keys (YAML or flags; flags win)::
 Every key is checked (:func:`check_config`) before the model loads, the sweep before any image is
 encoded. Unreadable images are skipped and listed with their reasons in the report and in
 ``skipped.csv``; per-image CSVs are keyed by each image's path.
+
+``clipscope attack --benchmark CONFIG`` runs the defence benchmark
+(:mod:`clipscope.typographic.benchmark`) from its own configuration (:data:`BENCHMARK_CHECKS`,
+:func:`run_benchmark_config`): generated attacks on an image folder and public sets, under several
+defences, into one table, plot and report.
 """
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..data import ImageLoadError, iter_images, list_image_files
+from ..data import list_image_files
 from ..io import check_writable, figure_png, write_text_atomic
 from ..pages import esc, page, png_uri
 from ..validate import InvalidArgumentError, check_choice, check_int, check_names
 from .attack import Attack
-from .defences import AblationDefence, Defence, PromptDefence, find_text_units
+from .benchmark import ABLATION_IMAGES, ABLATION_UNITS, DEFENCE_BUILDERS, AttackSet, benchmark, text_unit_ablation
+from .defences import Defence, PromptDefence
 from .evaluate import SweepResult, check_attack_data, check_vary, evaluate, sweep
 from .render import TextStyle
 from .sets import load_materzynska, load_paint, load_rta100, load_scam
 
 FORMATS = {"imagefolder", "paint", "rta100", "scam", "materzynska"}
 DEFENCES = ("prompt", "ablation")
-#: How many text units the ablation defence zeroes by default, and how many images find them.
-ABLATION_UNITS = 8
-ABLATION_IMAGES = 32
 _STYLE_KEYS = set(TextStyle.__dataclass_fields__)
 
 
@@ -210,28 +212,8 @@ def _defence(model, name: str, cfg: dict[str, Any], images: list[str], classes: 
     """The defence called ``name``; the ablation defence finds its text units on the first readable images."""
     if name == "prompt":
         return PromptDefence()
-    site = _ablation_site(model, cfg["ablation_site"])
-    readable = (image for _, image in iter_images(images) if not isinstance(image, ImageLoadError))
-    sample = list(itertools.islice(readable, ABLATION_IMAGES))
-    found = find_text_units(model, site, sample, classes, k=cfg["ablation_units"], seed=cfg["seed"])
-    return AblationDefence(found.units)
-
-
-def _ablation_site(model, site: str | None) -> str:
-    """``site``, or by default the image tower's last block, if it is an image-tower site of ``model``."""
-    valid = "an image-tower site from model.layers() (default: the image tower's last block)"
-    if site is None:
-        blocks = model.layers().blocks().names()
-        if not blocks:
-            raise InvalidArgumentError("ablation_site", None, f"{valid}; this model has no blocks to default to")
-        return blocks[-1]
-    try:
-        tower = model.site(site).tower
-    except InvalidArgumentError as exc:
-        raise InvalidArgumentError("ablation_site", site, exc.valid) from None
-    if tower != "visual":
-        raise InvalidArgumentError("ablation_site", site, valid)
-    return site
+    return text_unit_ablation(model, images, [], classes, seed=cfg["seed"], site=cfg["ablation_site"],
+                              units=cfg["ablation_units"], n_images=ABLATION_IMAGES)
 
 
 def _skipped_html(skipped: list[tuple[Any, str]], what: str) -> str:
@@ -244,3 +226,112 @@ def _write_skipped(out: Path, skipped: list[tuple[Any, str]]) -> None:
     """``skipped.csv``: one row per skipped item, its key (path) and the reason."""
     import pandas as pd
     write_text_atomic(out / "skipped.csv", pd.DataFrame(skipped, columns=["key", "reason"]).to_csv(index=False))
+
+
+# ---------------------------------------------------------------------------------------------------
+# ``clipscope attack --benchmark CONFIG``: attack sets x defences (clipscope.typographic.benchmark)
+
+#: Formats of the public sets a benchmark configuration may list under ``sets``.
+SET_LOADERS = {"paint": load_paint, "rta100": load_rta100, "scam": load_scam, "materzynska": load_materzynska}
+
+
+def _folder_data(parameter: str, value: Any) -> dict[str, Any]:
+    data = _data(parameter, value)
+    if data["format"] != "imagefolder":
+        raise InvalidArgumentError(f"{parameter}.format", data["format"], "imagefolder (public sets go under sets)")
+    return data
+
+
+def _attack_list(parameter: str, value: Any) -> list[dict[str, Any]]:
+    if isinstance(value, Mapping) or not isinstance(value, list) or not value:
+        raise InvalidArgumentError(parameter, value, "a non-empty list of attack settings (mode, target, size, ...)")
+    for i, spec in enumerate(value):
+        build_attack(spec if isinstance(spec, Mapping) else _mapping(f"{parameter}[{i}]", spec))
+    return [dict(spec) for spec in value]
+
+
+def _set_list(parameter: str, value: Any) -> list[dict[str, Any]]:
+    if isinstance(value, Mapping) or not isinstance(value, list):
+        raise InvalidArgumentError(parameter, value, "a list of public sets, each {format: ..., path: ...}")
+    out = []
+    for i, spec in enumerate(value):
+        data = _data(f"{parameter}[{i}]", spec)
+        check_choice(f"{parameter}[{i}].format", data["format"], sorted(SET_LOADERS))
+        out.append(data)
+    return out
+
+
+def _defence_names(parameter: str, value: Any) -> list[str]:
+    names = check_names(parameter, value)
+    for name in names:
+        check_choice(parameter, name, sorted(DEFENCE_BUILDERS))
+    return names
+
+
+#: One validator per key of a benchmark configuration (YAML), as :data:`CONFIG_CHECKS` for one attack::
+#:
+#:     model: organism-vit
+#:     data: {path: photos/}                 # image folder (one sub-folder per class) for generated attacks
+#:     attacks: [{mode: untargeted, size: 0.25}, {target: ipod, position: fixed8:0}]
+#:     sets: [{format: scam, path: scam/}, {format: paint, path: paint/}]
+#:     defences: [none, prompt, ablation, head_ablation, projection]
+#:     defence_options: {ablation: {units: 8}, projection: {steps: 200}}
+#:     fit_data: {path: fit-photos/}         # images the defences are fitted on (default: data)
+BENCHMARK_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "model": _text,
+    "pretrained": _optional(_text),
+    "data": _optional(_folder_data),
+    "classes": _optional(check_names),
+    "templates": lambda p, v: v,
+    "attacks": _optional(_attack_list),
+    "sets": _optional(_set_list),
+    "defences": _defence_names,
+    "defence_options": _optional(_mapping),
+    "fit_data": _optional(_folder_data),
+    "batch_size": lambda p, v: check_int(p, v, low=1),
+    "seed": lambda p, v: check_int(p, v),
+    "out": lambda p, v: _text(p, os.fspath(v) if isinstance(v, os.PathLike) else v),
+}
+BENCHMARK_DEFAULTS: dict[str, Any] = {"model": "organism", "pretrained": None, "data": None, "classes": None,
+                                      "templates": None, "attacks": None, "sets": None,
+                                      "defences": ["none", "prompt", "ablation"], "defence_options": None,
+                                      "fit_data": None, "batch_size": 32, "seed": 0, "out": "benchmark-report"}
+
+
+def check_benchmark_config(config: Any) -> dict[str, Any]:
+    """Return the benchmark ``config`` with every key checked and defaults filled in; raise
+    :class:`~clipscope.validate.InvalidArgumentError` naming the first bad key and its value."""
+    if not isinstance(config, Mapping):
+        raise InvalidArgumentError("config", config, "a mapping of benchmark settings (see BENCHMARK_CHECKS)")
+    unknown = sorted(set(config) - set(BENCHMARK_CHECKS))
+    if unknown:
+        raise InvalidArgumentError(unknown[0], config[unknown[0]], f"a known key: {sorted(BENCHMARK_CHECKS)}")
+    cfg = {key: BENCHMARK_CHECKS[key](key, value) for key, value in {**BENCHMARK_DEFAULTS, **config}.items()}
+    if cfg["data"] is None and not cfg["sets"]:
+        raise InvalidArgumentError("data", None, "an image folder for generated attacks, or public sets under sets")
+    if cfg["attacks"] and cfg["data"] is None:
+        raise InvalidArgumentError("attacks", cfg["attacks"], "no generated attacks without data (an image folder)")
+    return cfg
+
+
+def run_benchmark_config(config: dict[str, Any], *, progress: bool | None = None, model=None) -> Path:
+    """Run the defence benchmark described by ``config`` and write its report folder (``index.html``,
+    ``benchmark.csv``, ``skipped.csv``); returns the path of ``index.html``. ``model``: an already loaded
+    :class:`~clipscope.ClipModel` to use instead of loading ``config["model"]``."""
+    import clipscope
+    cfg = check_benchmark_config(config)
+    out = check_writable(cfg["out"])  # before the model loads and any image is attacked
+    attacks: list = []
+    images = labels = classes = None
+    if cfg["data"] is not None:
+        images, labels = imagefolder(cfg["data"]["path"])
+        classes = cfg["classes"] or sorted(set(labels))
+        attacks += [AttackSet.generated(build_attack(spec)) for spec in cfg["attacks"] or [{}]]
+    attacks += [SET_LOADERS[spec["format"]](spec["path"]) for spec in cfg["sets"] or []]
+    fit_images, fit_labels = imagefolder(cfg["fit_data"]["path"]) if cfg["fit_data"] else (None, None)
+    if model is None:
+        model = clipscope.load(cfg["model"], pretrained=cfg["pretrained"])
+    result = benchmark(model, images, labels, classes, attacks=attacks, defences=cfg["defences"],
+                       fit_images=fit_images, fit_labels=fit_labels, defence_options=cfg["defence_options"],
+                       templates=cfg["templates"], batch_size=cfg["batch_size"], seed=cfg["seed"], progress=progress)
+    return result.save(out)
