@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # Debian's Chromium, for the browser test (tests/test_browser.py, driven by Playwright; no browser download)
 CHROMIUM ?= /usr/bin/chromium
+# processes the suite runs on (`make test`; pytest-xdist's -n: auto is one per core)
+TEST_WORKERS ?= auto
 # the model `make lab` opens the notebooks on
 CLIPSCOPE_MODEL ?= organism
 # the model `make demo` runs the main job on (organism-vit: the ViT organism)
@@ -46,9 +48,10 @@ demo: install
 	$(PY) -m clipscope demo --model $(DEMO_MODEL) --out clipscope-demo
 
 ## make test: install (Python packages, and Chromium for the browser test), then run the whole suite (prints its duration)
+## on TEST_WORKERS processes (pytest-xdist; default auto: one per core, at most 8; TEST_WORKERS=0 runs it in this process)
 test: install chromium
 	@start=$$(date +%s); \
-	$(PY) -m pytest; status=$$?; \
+	$(PY) -m pytest -n $(TEST_WORKERS) --maxprocesses 8; status=$$?; \
 	echo "suite time: $$(( $$(date +%s) - start )) s"; \
 	exit $$status
 
@@ -88,6 +91,7 @@ bench: install
 	$(PY) bench/site_discovery.py
 	$(PY) bench/load_memory.py
 	$(PY) bench/head_capture.py
+	$(PY) bench/endpoint_throughput.py
 
 clean:
 	rm -rf $(VENV) clipscope-demo .pytest_cache test-artifacts

@@ -17,7 +17,7 @@ __version__ = "0.1.0"  # the one source of the version: pyproject.toml reads it 
 
 #: Submodules imported on first access as ``clipscope.NAME`` (module ``__getattr__``, PEP 562).
 SUBMODULES = ("attribution", "audit", "decompose", "io", "neurons", "optvis", "organism", "probe", "prompts", "scoring",
-              "typographic", "validate", "widgets")
+              "serve", "textspan", "typographic", "validate", "widgets")
 
 
 def __getattr__(name: str) -> ModuleType:

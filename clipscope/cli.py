@@ -40,6 +40,21 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import clipscope
+
+    from .serve import serve
+    model = clipscope.load(args.model, pretrained=args.pretrained, device=args.device)
+    scheme = "https" if args.ssl_certfile else "http"
+    print(f"clipscope serve: {model.id} on {scheme}://{args.host}:{args.port}/score (Ctrl-C stops)", file=sys.stderr)
+    serve(model, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+          batch_size=args.batch_size, window_ms=args.window_ms, max_batch=args.max_batch,
+          max_request_bytes=args.max_request_bytes, max_rows=args.max_rows, max_labels=args.max_labels,
+          max_label_chars=args.max_label_chars, max_url_rows=args.max_url_rows, max_in_flight=args.max_in_flight,
+          key_env=args.key_env, embedding_cache=args.embedding_cache)
+    return 0
+
+
 def cmd_layers(args) -> int:
     layers = _load(args).layers()
     if args.tower:
@@ -52,6 +67,8 @@ def cmd_attack(args) -> int:
     import pandas as pd
 
     from .typographic.run import run_attack_config
+    if args.benchmark:
+        return _attack_benchmark(args)
     config = _attack_config_file(args.config) if args.config else {}
     data = dict(config.get("data") or {})
     if args.folder:
@@ -81,7 +98,21 @@ def cmd_attack(args) -> int:
     return 0
 
 
-def _attack_config_file(path: str) -> dict:
+def _attack_benchmark(args) -> int:
+    """``clipscope attack --benchmark CONFIG``: attack sets x defences; --model, --pretrained, --seed, --out and
+    the folder (as the data of the generated attacks) override the file."""
+    from .typographic.run import run_benchmark_config
+    config = _attack_config_file(args.benchmark, "--benchmark")
+    if args.folder:
+        config["data"] = {"path": args.folder}
+    flags = {"out": args.out, "model": args.model, "pretrained": args.pretrained, "seed": args.seed}
+    config.update({key: value for key, value in flags.items() if value is not None})
+    index = run_benchmark_config(config)
+    print(f"report: {index.resolve()}")
+    return 0
+
+
+def _attack_config_file(path: str, flag: str = "--config") -> dict:
     """The settings mapping in the YAML file ``path``."""
     import yaml
 
@@ -90,11 +121,11 @@ def _attack_config_file(path: str) -> dict:
         try:
             config = yaml.safe_load(fh)
         except yaml.YAMLError as exc:
-            raise InvalidArgumentError("--config", path, f"a YAML file ({exc})") from None
+            raise InvalidArgumentError(flag, path, f"a YAML file ({exc})") from None
     if config is None:
         return {}
     if not isinstance(config, dict):
-        raise InvalidArgumentError("--config", path, "a YAML mapping of settings (model, data, attack, ...)")
+        raise InvalidArgumentError(flag, path, "a YAML mapping of settings (model, data, attack, ...)")
     return config
 
 
@@ -229,10 +260,54 @@ def _score_args(p: argparse.ArgumentParser) -> None:
     _model_args(p)
 
 
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    """Add the ``serve`` sub-command's arguments to its parser ``p``."""
+    from .serve import (EMBEDDING_CACHE, MAX_BATCH, MAX_IN_FLIGHT, MAX_LABEL_CHARS, MAX_LABELS, MAX_REQUEST_BYTES,
+                        MAX_ROWS, MAX_URL_ROWS, WINDOW_MS)
+    p.add_argument("model", nargs="?", default="organism",
+                   help="model to serve: 'organism' (default, offline), an open_clip name, 'hf-hub:ORG/REPO', "
+                        "'hf:ORG/REPO' or a local folder")
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path")
+    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--window-ms", type=float, default=WINDOW_MS,
+                   help=f"how long a request waits for others to batch with, in ms (default {WINDOW_MS:g})")
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH,
+                   help=f"most rows scored in one model pass (default {MAX_BATCH})")
+    p.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
+                   help=f"largest request body, in bytes (default {MAX_REQUEST_BYTES}; larger: HTTP 413)")
+    p.add_argument("--max-rows", type=int, default=MAX_ROWS,
+                   help=f"most rows per request (default {MAX_ROWS}; more: HTTP 413)")
+    p.add_argument("--max-labels", type=int, default=MAX_LABELS,
+                   help=f"most labels per request (default {MAX_LABELS}; more: HTTP 413)")
+    p.add_argument("--max-label-chars", type=int, default=MAX_LABEL_CHARS,
+                   help=f"longest label, in characters (default {MAX_LABEL_CHARS}; longer: HTTP 413)")
+    p.add_argument("--max-url-rows", type=int, default=MAX_URL_ROWS,
+                   help=f"most rows with an http(s) image URL per request (default {MAX_URL_ROWS}; more: HTTP 413)")
+    p.add_argument("--max-in-flight", type=int, default=MAX_IN_FLIGHT,
+                   help=f"requests in progress at once (default {MAX_IN_FLIGHT}; more: HTTP 503 with Retry-After)")
+    p.add_argument("--ssl-certfile", default=None, help="PEM certificate: serve https (needed with --key-env "
+                                                        "beyond loopback, unless behind a TLS proxy)")
+    p.add_argument("--ssl-keyfile", default=None, help="PEM private key of --ssl-certfile")
+    p.add_argument("--embedding-cache", type=int, default=EMBEDDING_CACHE,
+                   help=f"image embeddings kept, so an image scored again under other labels skips the image tower "
+                        f"(default {EMBEDDING_CACHE}; 0: none)")
+    p.add_argument("--key-env", default=None,
+                   help="require 'Authorization: Bearer KEY' with KEY read from this environment variable "
+                        "(default: no key)")
+
+
 def _attack_args(p: argparse.ArgumentParser) -> None:
     """Add the ``attack`` sub-command's arguments to its parser ``p``."""
     p.add_argument("folder", nargs="?", help="image folder (labels = sub-folder names) or a public attack set")
     p.add_argument("--config", help="YAML file with the run's settings (flags override it)")
+    p.add_argument("--benchmark", metavar="CONFIG",
+                   help="run the defence benchmark described by this YAML file (attack sets x defences: clean and "
+                        "attacked accuracy, attack success with Wilson intervals; see clipscope.typographic.run."
+                        "BENCHMARK_CHECKS); --model, --pretrained, --seed, --out and FOLDER override it")
     p.add_argument("--format", choices=["imagefolder", "paint", "rta100", "scam", "materzynska"],
                    help="layout of the folder: imagefolder (default, one sub-folder per class) or a public set")
     p.add_argument("--classes", help="comma-separated class names (default: the folder's labels)")
@@ -283,6 +358,9 @@ _COMMANDS = (
     ("attack", _attack_args, cmd_attack, "run a typographic attack over a folder and write a report", None),
     ("audit", _audit_args, cmd_audit, "run a bias audit spec (YAML) and write its report", None),
     ("layers", _layers_args, cmd_layers, "list a model's hookable sites", None),
+    ("serve", _serve_args, cmd_serve, "serve a model's zero-shot classification over HTTP in the endpoint format",
+     "Requests are untrusted: image cells may be base64, data: URIs or public http(s) URLs, never local paths. "
+     "Query it with clipscope.load('endpoint:http://HOST:PORT/score'), e.g. in an audit spec's models."),
 )
 
 

@@ -10,7 +10,7 @@ Name forms accepted by :func:`load`:
 - a local folder holding ``open_clip_config.json`` and the weights;
 - ``"hf:ORG/REPO"``: a transformers ``CLIPModel`` (needs the ``hf`` extra);
 - ``"endpoint:https://HOST/score"``: a deployed zero-shot endpoint, a black box that does zero-shot
-  classification only (:mod:`clipscope.backends.endpoint`; every other capability raises ``BlackBoxError``).
+  classification only (:mod:`clipscope.endpoint`; every other capability raises ``BlackBoxError``).
 
 Weights load safely: safetensors, or ``torch.load(weights_only=True)``; a
 checkpoint that needs pickled code is refused (:class:`~clipscope.hub.UnsafeCheckpointError`).
@@ -784,9 +784,10 @@ def load(name: str, pretrained: str | None = None, device: str | torch.device = 
     if pretrained is not None and not isinstance(pretrained, (str, os.PathLike)):
         raise InvalidArgumentError("pretrained", pretrained, "None, a pretrained tag or a checkpoint path")
     pretrained = None if pretrained is None else os.fspath(pretrained)
+    if isinstance(name, str) and name.startswith("endpoint:"):  # a black box: no weights, no backend adapter
+        from .endpoint import load as load_endpoint
+        return load_endpoint(name, pretrained)
     loaded = backends.load(name, pretrained, dev, dtype)
-    if not isinstance(loaded, backends.LoadedModel):  # a black-box backend (endpoint:URL) returns its model itself
-        return loaded
     return ClipModel(**{f.name: getattr(loaded, f.name) for f in dataclasses.fields(loaded)}, device=dev, dtype=dtype)
 
 

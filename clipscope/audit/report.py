@@ -127,8 +127,12 @@ def _provenance_table(result) -> pd.DataFrame:
                  ("bootstrap", f"n={spec.bootstrap.n}, seed={spec.bootstrap.seed}, confidence={conf}"),
                  ("run time (s)", p.get("seconds"))]
     for m in p.get("models", []):
-        detail = (f"id {m['id']}; {m['images_embedded']} embedded; {m['cache']['images_encoded']} encoded this run, "
-                  f"{m['cache']['chunks_reused']} cached chunk(s) reused")
+        c = m["cache"]
+        detail = (f"id {m['id']}; black box: {m['images_embedded']} scored; {c['rows_sent']} row(s) sent in "
+                  f"{c['requests']} request(s) this run, {c['rows_cached']} answered from the cache; "
+                  "no retrieval metrics" if "black_box" in m else
+                  f"id {m['id']}; {m['images_embedded']} embedded; {c['images_encoded']} encoded this run, "
+                  f"{c['chunks_reused']} cached chunk(s) reused")
         prov_rows.append((f"model {m['name']}", detail))
     return pd.DataFrame(prov_rows, columns=["item", "value"]).astype(str)
 

@@ -3,14 +3,17 @@
 Steps: read the spec; read the data set through its adapter; per model, embed every image once
 through the on-disk cache; per taxonomy, zero-shot classify the cached embeddings (only the class
 prompts are encoded); compute the disaggregated metrics, the paired taxonomy comparison and the
-retrieval metrics; write the report.
+retrieval metrics; write the report. A black-box model (``endpoint:URL``) gives no embeddings: its
+images are classified per taxonomy by the model itself (:mod:`clipscope.audit.black_box`) and the
+retrieval metrics are left out.
 """
 from __future__ import annotations
 
 import os
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,10 @@ import torch
 
 from ..io import check_writable, ensure_folder
 from ..progress import progress_bar
+from ..endpoint import PREFIX as ENDPOINT_PREFIX
+from ..endpoint import is_black_box, load_endpoint
 from .adapters import KEY, ROW, AuditData, load_data
+from .black_box import score_rows
 from .cache import embed_cached
 from .compare import CHANGE_COLUMNS, paired_changes
 from .frames import Outcomes
@@ -34,8 +40,14 @@ def _load_model(m: ModelSpec | Any, device: str):
     import clipscope
     if isinstance(m, clipscope.ClipModel):
         return m
+    if is_black_box(m):
+        return m
     if isinstance(m, str):
         m = ModelSpec(name=m)
+    if m.name.startswith(ENDPOINT_PREFIX):
+        if m.pretrained is not None:
+            raise SpecError("<spec>", [(None, "models", f"model {m.name!r} is an endpoint: it takes no 'pretrained'")])
+        return load_endpoint(m.name, **(m.endpoint.model_dump(exclude_none=True) if m.endpoint else {}))
     return clipscope.load(m.name, pretrained=m.pretrained, device=device)
 
 
@@ -159,25 +171,48 @@ class _ModelAudit:
 
 def _audit_model(model, spec: AuditSpec, data: AuditData, cache: Path, *, several: bool,
                  progress: bool | None) -> _ModelAudit:
-    """Embed (through the cache), classify under every taxonomy, disaggregate, and measure retrieval."""
+    """Embed (through the cache), classify under every taxonomy, disaggregate, and measure retrieval.
+
+    A black-box model classifies each taxonomy itself (no embeddings, no retrieval metrics)."""
     t0 = time.perf_counter()
-    cached = embed_cached(model, data, cache, chunk_size=spec.chunk_size, batch_size=spec.batch_size,
-                          progress=progress)
+    black_box = is_black_box(model)
+    if black_box:
+        scored = score_rows(model, spec, data, progress=progress)
+        rows, unreadable, stats = scored.rows, scored.unreadable, scored.stats
+        predict: Callable = lambda tax: scored.predictions[tax.name]  # noqa: E731
+    else:
+        cached = embed_cached(model, data, cache, chunk_size=spec.chunk_size, batch_size=spec.batch_size,
+                              progress=progress)
+        rows, unreadable, stats = cached.rows, cached.unreadable, cached.stats
+        predict = lambda tax: _top1(model, tax, cached.embeddings)  # noqa: E731
     t_embed = time.perf_counter() - t0
-    part = _ModelAudit(model.name, data.frame.iloc[cached.rows].reset_index(drop=True))
-    part.unreadable = _unreadable_rows(data, cached.unreadable, model.name)
-    outcomes, timings = _classify(model, spec, cached.embeddings, part, several=several, progress=progress)
+    part = _ModelAudit(model.name, data.frame.iloc[rows].reset_index(drop=True))
+    part.unreadable = _unreadable_rows(data, unreadable, model.name)
+    outcomes, timings = _classify(predict, spec, part, several=several, progress=progress)
     t2 = time.perf_counter()
     _disaggregate_all(part, outcomes, spec)
     t_metrics = time.perf_counter() - t2
-    if "retrieval" in spec.metric_set() and spec.retrieval is not None and len(cached.embeddings):
+    retrieval = "retrieval" in spec.metric_set() and spec.retrieval is not None and len(rows)
+    if retrieval and black_box:
+        warnings.warn(f"audit: retrieval metrics need image and text embeddings, which the black-box model "
+                      f"{model.name} does not give; they are left out", UserWarning, stacklevel=3)
+    elif retrieval:
         part.retrieval = _retrieval(model, spec, cached.embeddings, part.frame, data.group_columns)
     part.provenance = {"name": model.name, "id": model.id, "pretrained": model.pretrained,
-                       "images_embedded": len(cached.embeddings), "unreadable": len(cached.unreadable),
-                       "cache": cached.stats, "embed_seconds": round(t_embed, 3),
+                       "images_embedded": len(rows), "unreadable": len(unreadable),
+                       "cache": stats, "embed_seconds": round(t_embed, 3),
                        "taxonomy_seconds": {k: round(v, 4) for k, v in timings.items()},
                        "metrics_seconds": round(t_metrics, 3)}
+    if black_box:
+        part.provenance["black_box"] = "zero-shot answers of the endpoint; retrieval metrics not computed"
     return part
+
+
+def _top1(model, tax, embeddings: torch.Tensor) -> np.ndarray:
+    """Index of each embedding's predicted class under taxonomy ``tax`` (only the class prompts are encoded)."""
+    head = model.classifier(tax.classes, tax.templates)
+    with torch.no_grad():
+        return head.top1(embeddings).cpu().numpy()
 
 
 def _unreadable_rows(data: AuditData, unreadable: list[tuple[int, str]], model_name: str) -> pd.DataFrame | None:
@@ -191,9 +226,9 @@ def _unreadable_rows(data: AuditData, unreadable: list[tuple[int, str]], model_n
     return bad
 
 
-def _classify(model, spec: AuditSpec, embeddings: torch.Tensor, part: _ModelAudit, *, several: bool,
+def _classify(predict: Callable, spec: AuditSpec, part: _ModelAudit, *, several: bool,
               progress: bool | None) -> tuple[Outcomes, dict[str, float]]:
-    """Zero-shot classify the embeddings under every taxonomy (only class prompts are encoded).
+    """Zero-shot classify the audited rows under every taxonomy: ``predict(taxonomy)`` gives each row's class index.
 
     Fills ``part``'s prediction columns, class shares and label issues; returns every taxonomy's
     outcomes in one frame and the seconds spent per taxonomy.
@@ -202,9 +237,7 @@ def _classify(model, spec: AuditSpec, embeddings: torch.Tensor, part: _ModelAudi
     for tax in progress_bar(spec.taxonomies, progress, len(spec.taxonomies) > 2, "audit: taxonomies",
                             total=len(spec.taxonomies)):
         t1 = time.perf_counter()
-        head = model.classifier(tax.classes, tax.templates)
-        with torch.no_grad():
-            pred = head.top1(embeddings).cpu().numpy()
+        pred = predict(tax)
         col = f"{part.name} / {tax.name}" if several else tax.name
         part.predictions[f"prediction: {col}"] = np.asarray(tax.classes)[pred]
         part.shares += _class_shares(part.name, tax, pred, part.frame, spec.groupings())

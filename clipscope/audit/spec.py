@@ -35,10 +35,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class EndpointSpec(_Strict):
+    """Options of an ``endpoint:URL`` model (:class:`~clipscope.endpoint.EndpointModel`); the key is read
+    from the environment variable ``key_env``, never from the spec."""
+    key_env: str | None = Field(default=None, min_length=1)
+    concurrency: int | None = Field(default=None, gt=0)
+    timeout: float | None = Field(default=None, gt=0)
+    retries: int | None = Field(default=None, ge=0)
+    cache_dir: str | None = None
+    templates: list[str] | None = None  # the prompt templates the endpoint is known to apply
+
+
 class ModelSpec(_Strict):
-    """A model to audit: a :func:`clipscope.load` name plus an optional pretrained tag or path."""
+    """A model to audit: a :func:`clipscope.load` name plus an optional pretrained tag or path; for an
+    ``endpoint:URL`` model, optional ``endpoint`` options."""
     name: str = Field(min_length=1)
     pretrained: str | None = None
+    endpoint: EndpointSpec | None = None
 
 
 class DataSpec(_Strict):
@@ -197,6 +210,10 @@ def _semantic_problems(spec: AuditSpec) -> list[tuple[tuple, str]]:
                 if c not in cols:
                     problems.append((("data", "intersections", i, j),
                                      f"intersection column {c!r} is not a group column; valid: {cols}"))
+    for i, m in enumerate(spec.models):
+        if m.endpoint is not None and not m.name.startswith("endpoint:"):
+            problems.append((("models", i, "endpoint"),
+                             f"'endpoint' options are for 'endpoint:URL' models, not {m.name!r}"))
     names = [t.name for t in spec.taxonomies]
     for i, t in enumerate(spec.taxonomies):
         if names.count(t.name) > 1:
@@ -336,9 +353,9 @@ def _valid_fields_hint(loc: tuple) -> str:
 def load_spec(spec: str | os.PathLike | AuditSpec | dict) -> AuditSpec:
     """Return an :class:`AuditSpec` from a YAML path, YAML text, a dict or a spec (returned as is).
 
-    Paths inside a spec (data ``path``, ``output``, ``cache_dir``) may use ``~`` and ``$VARS``. In a
-    spec read from a file, relative paths are resolved against the file's folder (so a spec runs the
-    same from any working directory) and stored absolute; ``source_dir`` records that folder. The
+    Paths inside a spec (data ``path``, ``output``, ``cache_dir``, an endpoint model's ``cache_dir``) may use
+    ``~`` and ``$VARS``. In a spec read from a file, relative paths are resolved against the file's folder
+    (so a spec runs the same from any working directory) and stored absolute; ``source_dir`` records that folder. The
     default ``output`` (``audit-out``, when the spec sets none) stays relative to the working directory. For
     ``kind: hf`` a relative ``path`` is resolved only if that folder exists there: otherwise it is a
     hub id. A path with an unset variable stays as written, so the error that follows shows it. In a
@@ -357,8 +374,8 @@ def load_spec(spec: str | os.PathLike | AuditSpec | dict) -> AuditSpec:
 
 
 def resolve_paths(spec: AuditSpec, folder: Path) -> AuditSpec:
-    """A copy of ``spec`` whose relative paths (data ``path``, a set ``output``, ``cache_dir``) are absolute
-    under ``folder``; ``source_dir`` is set to ``folder``."""
+    """A copy of ``spec`` whose relative paths (data ``path``, a set ``output``, ``cache_dir``, an endpoint model's
+    ``cache_dir``) are absolute under ``folder``; ``source_dir`` is set to ``folder``."""
     def resolve(p: str | None, must_exist: bool = False) -> str | None:
         e = expand_path(p)
         if e is None or "$" in e or os.path.isabs(e) or (must_exist and not (folder / e).exists()):
@@ -367,7 +384,10 @@ def resolve_paths(spec: AuditSpec, folder: Path) -> AuditSpec:
 
     data = spec.data.model_copy(update={"path": resolve(spec.data.path, must_exist=spec.data.kind == "hf")})
     output = resolve(spec.output) if "output" in spec.model_fields_set else spec.output
-    out = spec.model_copy(update={"data": data, "output": output, "cache_dir": resolve(spec.cache_dir)})
+    models = [m if m.endpoint is None else m.model_copy(update={
+        "endpoint": m.endpoint.model_copy(update={"cache_dir": resolve(m.endpoint.cache_dir)})}) for m in spec.models]
+    out = spec.model_copy(update={"data": data, "output": output, "cache_dir": resolve(spec.cache_dir),
+                                  "models": models})
     out._source_dir = folder
     return out
 

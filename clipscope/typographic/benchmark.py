@@ -427,7 +427,7 @@ def benchmark(model, images: Any = None, labels: Sequence[str | None] | None = N
     for s in sets:
         if s.tset is not None:
             skipped = skipped + [(k, r) for k, r in s.tset.skipped if (k, r) not in skipped]
-    return BenchmarkResult(frame, {s.name: s.describe() for s in sets}, described, repr(model), results, skipped)
+    return BenchmarkResult(frame, {s.name: s.describe() for s in sets}, described, getattr(model, "name", repr(model)), results, skipped)
 
 
 def fit_sample(images: Any, labels: Sequence[str] | None, count: int, seed: int) -> tuple[list | None, list | None]:

@@ -4,8 +4,10 @@ Metrics (all fractions in [0, 1]):
 
 - ``clean_accuracy`` / ``attacked_accuracy``: top-1 equals the true label;
 - ``attack_success_rate``: the attacked top-1 is the written class, among images
-  whose clean top-1 was not already that class (the definition of Goh et al.,
-  Distill 2021); undefined for free text that is not a class;
+  whose clean top-1 was not already that class (Goh et al., Distill 2021, count
+  a change to the target; their table divides by all images, as
+  :func:`~clipscope.typographic.distill_protocol`'s ``changed_to`` does, and this
+  rate is its ``success_eligible``); undefined for free text that is not a class;
 - ``mean_target_probability``: mean attacked probability of the written class;
 - ``mean_cover``: mean fraction of pixels the text changed;
 - ``text_detected_rate``: attacked images predicted as a defence's "text" class.
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..endpoint import EndpointHead, is_black_box
 from ..data import batched, default_workers, ordered_map, prefetch, source_length
 from ..model import ZeroShotClassifier
 from ..progress import ManualBar, manual_bar, progress_bar
@@ -187,7 +190,7 @@ class _Scorer:
     defence: Defence
     classes: list[str]
     class_map: list[str | None]
-    head: ZeroShotClassifier
+    head: ZeroShotClassifier | EndpointHead
     columns: list[tuple[int, int]] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -198,17 +201,22 @@ class _Scorer:
     def make(cls, model, defence: Defence, classes: list[str], templates) -> "_Scorer":
         """Build the head; call inside ``defence.context(model)`` so that a text-tower ablation counts."""
         score_classes, class_map = defence.classes(classes)
-        return cls(model, defence, classes, class_map, model.classifier(score_classes, defence.templates(templates)))
+        make_head = model.zero_shot_head if is_black_box(model) else model.classifier  # a black box scores images
+        return cls(model, defence, classes, class_map, make_head(score_classes, defence.templates(templates)))
 
     def prepare(self, image) -> torch.Tensor:
         """The model's input tensor for one image under the defence (thread-safe)."""
         return self.model.preprocess(self.defence.image(image))
 
     def scores(self, images: Sequence) -> tuple[torch.Tensor, list[str]]:
-        """``(probs (n, len(classes)), top-1 names)`` for PIL images or tensors from :meth:`prepare`."""
-        x = torch.stack([im if isinstance(im, torch.Tensor) else self.prepare(im) for im in images])
-        with torch.no_grad():
-            probs = self.head.probs(self.model.encode_image(x)).cpu()
+        """``(probs (n, len(classes)), top-1 names)`` for PIL images or tensors from :meth:`prepare` (PIL images
+        only for a black-box model)."""
+        if is_black_box(self.model):  # PIL images only: the endpoint does its own preprocessing
+            probs = self.head.image_probs([self.defence.image(im) for im in images])
+        else:
+            x = torch.stack([im if isinstance(im, torch.Tensor) else self.prepare(im) for im in images])
+            with torch.no_grad():
+                probs = self.head.probs(self.model.encode_image(x)).cpu()
         merged = torch.zeros(len(images), len(self.classes))
         for j, i in self.columns:
             merged[:, i] += probs[:, j]
@@ -311,11 +319,12 @@ def _scored_batches(scorer: _Scorer, render, jobs: Iterable[tuple], batch_size: 
                     clean: CleanScores | None):
     """Yield ``(attacked images, clean scores, attacked scores)`` per batch; each scores is ``(probs, names)``."""
     model = scorer.model
-    n_workers = workers if workers is not None else 1 if model.device.type == "cpu" else default_workers()
+    black_box = is_black_box(model)  # no local model competes for the cores; the endpoint preprocesses
+    n_workers = workers if workers is not None else default_workers() if black_box or model.device.type != "cpu" else 1
 
     def job(j):  # in a worker thread: render, and with several workers preprocess what the model will see
         item = render(j)
-        if n_workers <= 1:
+        if n_workers <= 1 or black_box:
             return item, None, item.attacked
         known = clean is not None and clean.get(item.index) is not None
         return item, None if known else scorer.prepare(item.clean), scorer.prepare(item.attacked)
