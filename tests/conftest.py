@@ -22,6 +22,81 @@ import clipscope
 DEVICE = os.environ.get("CLIPSCOPE_TEST_DEVICE", "cpu")
 PRECISION = os.environ.get("CLIPSCOPE_TEST_PRECISION", "fp32")
 
+# --------------------------------------------------------------------------- parallel runs (pytest-xdist)
+#: Worker processes in this run (``make test`` runs ``pytest -n auto``); 0 when not under pytest-xdist.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+if WORKERS:
+    # Each worker gets its share of the cores, so that the workers do not fight over them: torch here, and
+    # OMP_NUM_THREADS for the processes tests start (the CLI, notebook kernels, JupyterLab). Notebooks pin
+    # themselves to CLIPSCOPE_THREADS (default 1) in their first cell.
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    THREADS = max(1, _cores // WORKERS)
+    torch.set_num_threads(THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+
+#: Test modules whose tests share no module- or class-scoped fixture and are slow one by one: a parallel
+#: run hands their tests out singly. Every other module runs whole on one worker, so that what its
+#: module fixtures build (a model, a report, a mined data set) is built once, not once per worker.
+SPLIT_MODULES = {"tests/test_notebooks.py", "tests/test_optvis_speed_options.py"}
+#: Relative cost of a test marked ``slow`` (or of a module fixture) against an unmarked test, for the order
+#: in which a parallel run hands out its work.
+SLOW_WEIGHT = 20
+
+
+def work_unit(nodeid: str) -> str:
+    """The unit of work a parallel run hands to one worker: the test's module, or the test itself in
+    ``SPLIT_MODULES``."""
+    module = nodeid.split("::", 1)[0]
+    return nodeid if module in SPLIT_MODULES else module
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``pytest -n N`` (``make test``; pytest-xdist's default ``--dist load``, or ``--dist loadscope``): hand out
+    whole modules, except the tests of ``SPLIT_MODULES``, one by one, in the order the workers collected them
+    (see ``pytest_collection_modifyitems``). Another ``--dist`` mode keeps pytest-xdist's own scheduler."""
+    if config.getvalue("dist") not in ("load", "loadscope"):
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    config.option.loadscopereorder = False  # keep the collected order: most expensive first
+    return ModuleScheduling(config, log)
+
+
+def _shared_fixtures(item: pytest.Item) -> set[str]:
+    """The module- and class-scoped fixtures ``item`` uses (``one_thread`` aside), as ``module::name``."""
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    return {f"{item.nodeid.split('::', 1)[0]}::{name}" for name, fixturedefs in defs.items()
+            if name != "one_thread" and any(d.scope in ("module", "class") for d in fixturedefs)}
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """On a pytest-xdist worker, order the work units most expensive first, so that no long test starts last
+    while the other workers sit idle. The estimate: a test marked ``slow`` or a module- or class-scoped
+    fixture (a model, a report, a mined data set) weighs ``SLOW_WEIGHT``, any other test 1.
+    A plain ``pytest`` run keeps its usual order."""
+    if not WORKERS:
+        return
+    cost: dict[str, int] = {}
+    first: dict[str, int] = {}
+    shared: dict[str, set[str]] = {}
+    for i, item in enumerate(items):
+        unit = work_unit(item.nodeid)
+        cost[unit] = cost.get(unit, 0) + (SLOW_WEIGHT if item.get_closest_marker("slow") else 1)
+        first.setdefault(unit, i)
+        shared.setdefault(unit, set()).update(_shared_fixtures(item))
+    for unit, fixtures in shared.items():
+        cost[unit] += SLOW_WEIGHT * len(fixtures)
+    for item in items:  # the browser test runs against a wall-clock limit: start it first, not on a busy tail
+        if item.get_closest_marker("browser"):
+            cost[work_unit(item.nodeid)] += 100 * SLOW_WEIGHT
+    items.sort(key=lambda item: (-cost[work_unit(item.nodeid)], first[work_unit(item.nodeid)]))
+
 
 @pytest.fixture(scope="session")
 def tiny_rn() -> clipscope.ClipModel:

@@ -47,7 +47,8 @@ SERVER_START_S = 60      # JupyterLab must answer within this
 RUN_ALL_S = 400          # the whole notebook, in the browser, on 2 CPU cores
 WIDGET_S = 120           # the explorer reacting to a unit change (may mine examples for the new unit)
 #: Environment the notebook runs under (CLIPSCOPE_OUT is added per test).
-NOTEBOOK_ENV = {"CLIPSCOPE_MODEL": "organism", "CLIPSCOPE_STEPS": "32", "CLIPSCOPE_THREADS": "2"}
+NOTEBOOK_ENV = {"CLIPSCOPE_MODEL": "organism", "CLIPSCOPE_STEPS": "32",
+                "CLIPSCOPE_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}  # the worker's share under pytest -n
 #: JupyterLab user settings: every cell in the DOM, no news or update checks, no extension manager.
 LAB_SETTINGS = {
     "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
