@@ -123,18 +123,27 @@ CONFIG_DEFAULTS: dict[str, Any] = {"model": "organism", "pretrained": None, "cla
                                    "ablation_units": ABLATION_UNITS, "seed": 0, "out": "attack-report"}
 
 
+def checked_settings(config: Any, checks: Mapping[str, Callable[[str, Any], Any]], defaults: Mapping[str, Any],
+                     what: str, required: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``config`` with ``defaults`` filled in and every key normalized by its ``checks[key](key, value)``;
+    :class:`~clipscope.validate.InvalidArgumentError` for a non-mapping (``what`` says what it should hold), the
+    first unknown key, a missing ``required`` key (mapped to what is valid for it) or the first bad value."""
+    if not isinstance(config, Mapping):
+        raise InvalidArgumentError("config", config, f"a mapping of {what}")
+    unknown = sorted(set(config) - set(checks))
+    if unknown:
+        raise InvalidArgumentError(unknown[0], config[unknown[0]], f"a known key: {sorted(checks)}")
+    for key, valid in (required or {}).items():
+        if key not in config:
+            raise InvalidArgumentError(key, None, valid)
+    return {key: checks[key](key, value) for key, value in {**defaults, **config}.items()}
+
+
 def check_config(config: Any) -> dict[str, Any]:
     """Return ``config`` with every key checked and defaults filled in; raise
     :class:`~clipscope.validate.InvalidArgumentError` naming the first bad key and its value."""
-    if not isinstance(config, Mapping):
-        raise InvalidArgumentError("config", config, "a mapping of settings (see clipscope.typographic.run)")
-    unknown = sorted(set(config) - set(CONFIG_CHECKS))
-    if unknown:
-        raise InvalidArgumentError(unknown[0], config[unknown[0]], f"a known key: {sorted(CONFIG_CHECKS)}")
-    if "data" not in config:
-        raise InvalidArgumentError("data", None, "a mapping with path (a folder) and optionally format")
-    merged = {**CONFIG_DEFAULTS, **config}
-    return {key: CONFIG_CHECKS[key](key, value) for key, value in merged.items()}
+    return checked_settings(config, CONFIG_CHECKS, CONFIG_DEFAULTS, "settings (see clipscope.typographic.run)",
+                            {"data": "a mapping with path (a folder) and optionally format"})
 
 
 def _img(png: bytes) -> str:
@@ -301,12 +310,7 @@ BENCHMARK_DEFAULTS: dict[str, Any] = {"model": "organism", "pretrained": None, "
 def check_benchmark_config(config: Any) -> dict[str, Any]:
     """Return the benchmark ``config`` with every key checked and defaults filled in; raise
     :class:`~clipscope.validate.InvalidArgumentError` naming the first bad key and its value."""
-    if not isinstance(config, Mapping):
-        raise InvalidArgumentError("config", config, "a mapping of benchmark settings (see BENCHMARK_CHECKS)")
-    unknown = sorted(set(config) - set(BENCHMARK_CHECKS))
-    if unknown:
-        raise InvalidArgumentError(unknown[0], config[unknown[0]], f"a known key: {sorted(BENCHMARK_CHECKS)}")
-    cfg = {key: BENCHMARK_CHECKS[key](key, value) for key, value in {**BENCHMARK_DEFAULTS, **config}.items()}
+    cfg = checked_settings(config, BENCHMARK_CHECKS, BENCHMARK_DEFAULTS, "benchmark settings (see BENCHMARK_CHECKS)")
     if cfg["data"] is None and not cfg["sets"]:
         raise InvalidArgumentError("data", None, "an image folder for generated attacks, or public sets under sets")
     if cfg["attacks"] and cfg["data"] is None:
