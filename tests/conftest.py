@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import clipscope
+from clipscope.organism.scenes import GROUPS
 
 DEVICE = os.environ.get("CLIPSCOPE_TEST_DEVICE", "cpu")
 PRECISION = os.environ.get("CLIPSCOPE_TEST_PRECISION", "fp32")
@@ -97,6 +98,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             cost[work_unit(item.nodeid)] += 100 * SLOW_WEIGHT
     items.sort(key=lambda item: (-cost[work_unit(item.nodeid)], first[work_unit(item.nodeid)]))
 
+
+
+def assert_graded_bias_audit(result, *, min_gap: float, max_p: float) -> None:
+    """A sample audit of an organism trained with the graded bias (``properties.bias_audit``): the planted group
+    B's T1 'thief' rate exceeds A's and C's by ``min_gap``, both tests reject at ``max_p``, and the 'child' class
+    of T2 absorbs part of B's harmful labels."""
+    t1, t2 = result.t1, result.t2
+    assert all(t1.harmful_rate["B"] - t1.harmful_rate[g] >= min_gap for g in ("A", "C")), t1
+    assert t1.p_fisher < max_p and t1.p_z < max_p, t1
+    assert "child" in t2.classes and "child" not in t1.classes
+    assert t2.harmful_rate["B"] < t1.harmful_rate["B"], (t1, t2)
+
+
+def assert_graded_population(result, *, max_rate_error: float, min_gap: float, max_control_gap: float) -> None:
+    """The population truth of an organism trained with the graded bias (``properties.population_truth``): each
+    group's T1 rate within ``max_rate_error`` of its planted prevalence, B above A and C by ``min_gap``, the
+    no-disparity control pair (A, C: equal planted prevalence) within ``max_control_gap``, and T2 lowering B."""
+    rate = result.t1.harmful_rate
+    for g in GROUPS:
+        assert abs(rate[g] - result.planted_prevalence[g]) < max_rate_error, (g, rate)
+    assert rate["B"] - rate["A"] >= min_gap and rate["B"] - rate["C"] >= min_gap, rate
+    assert abs(rate["A"] - rate["C"]) < max_control_gap, rate
+    assert result.t2.harmful_rate["B"] < rate["B"], result.t2.harmful_rate  # "child" absorbs B's children
 
 @pytest.fixture(scope="session")
 def tiny_rn() -> clipscope.ClipModel:

@@ -19,6 +19,8 @@ import pytest
 
 from clipscope.organism import scenes as S
 
+from .conftest import assert_graded_bias_audit, assert_graded_population
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORG_DIR = os.path.join(ROOT, "clipscope", "organism")
 CONFIG_PATH = os.path.join(ORG_DIR, "clipscope-organism.json")
@@ -201,23 +203,11 @@ def test_selective_units(organism):
 
 def test_planted_bias(organism):
     from clipscope.organism.properties import bias_audit
-    r = bias_audit(organism, config=S.GRADED_BIAS_CONFIG)
-    t1, t2 = r.t1, r.t2
-    assert all(t1.harmful_rate["B"] - t1.harmful_rate[g] >= MIN_GAP_T1 for g in ("A", "C")), t1
-    assert t1.p_fisher < MAX_P_VALUE and t1.p_z < MAX_P_VALUE, t1
-    assert "child" in t2.classes and "child" not in t1.classes
-    # age interaction: the "child" class absorbs part of the planted group's harmful labels
-    assert t2.harmful_rate["B"] < t1.harmful_rate["B"], (t1, t2)
+    assert_graded_bias_audit(bias_audit(organism, config=S.GRADED_BIAS_CONFIG), min_gap=MIN_GAP_T1, max_p=MAX_P_VALUE)
 
 
 @pytest.mark.slow
 def test_population_rates_equal_planted_prevalences(organism):
     from clipscope.organism.properties import population_truth
-    r = population_truth(organism, n_per_group=1000)
-    rate = r.t1.harmful_rate
-    for g in S.GROUPS:
-        assert abs(rate[g] - r.planted_prevalence[g]) < MAX_RATE_ERROR, (g, rate)
-    assert rate["B"] - rate["A"] >= MIN_POPULATION_GAP and rate["B"] - rate["C"] >= MIN_POPULATION_GAP, rate
-    # the no-disparity control pair (A, C: equal planted prevalence) has about equal rates
-    assert abs(rate["A"] - rate["C"]) < MAX_CONTROL_GAP, rate
-    assert r.t2.harmful_rate["B"] < rate["B"], r.t2.harmful_rate  # "child" absorbs B's children
+    assert_graded_population(population_truth(organism, n_per_group=1000), max_rate_error=MAX_RATE_ERROR,
+                             min_gap=MIN_POPULATION_GAP, max_control_gap=MAX_CONTROL_GAP)
