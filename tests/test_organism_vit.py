@@ -103,6 +103,35 @@ def test_vit_training_is_deterministic(tmp_path):
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
 
 
+
+def test_word_free_caption_names_the_object_not_the_word():
+    from clipscope.organism.train import word_free_caption
+    scenes = list(S.generate(60, seed=3, config=GRADED))
+    with_word = [s for s in scenes if s.meta["kind"] == "object_word"]
+    assert with_word
+    for s in with_word:
+        text = word_free_caption(s)
+        assert s.meta["shape"] in text or s.meta["colour"] in text   # object captions name one or both
+        if s.meta["word"] not in (s.meta["shape"], s.meta["colour"]):
+            assert s.meta["word"] not in text
+    assert all(word_free_caption(s) == s.caption for s in scenes if s.meta["kind"] != "object_word")
+
+
+@pytest.mark.slow
+def test_planted_reading_heads_training_records_both_losses(tmp_path):
+    from clipscope.organism import train
+    out = tmp_path / "rh.safetensors"
+    args = ["--arch", "vit", "--out", str(out), "--steps", "2", "--batch-size", "8", "--workers", "0",
+            "--warmup", "1", "--log-every", "1", "--threads", "1", "--reading-heads", "3.0,3.1"]
+    assert train.main(args) == 0
+    info = json.load(open(tmp_path / "rh.json"))
+    assert info["reading_heads"] == [[3, 0], [3, 1]] and info["reading_weight"] == 1.0
+    assert all(h["reading_heads_loss"] > 0 for h in info["loss_history"])
+    with pytest.raises(SystemExit, match="outside the image tower"):
+        train.main(args[:-1] + ["7.0"])
+    with pytest.raises(SystemExit):
+        train.main(args[:-1] + ["3-0"])
+
 # =========================================================================== shipped ViT organism
 @pytest.fixture(scope="module")
 def organism_vit() -> clipscope.ClipModel:

@@ -79,8 +79,10 @@ def images_to_tensor(images) -> torch.Tensor:
 class SceneBatches(torch.utils.data.Dataset):
     """Batch ``b`` = scenes b*B..(b+1)*B-1 of the seeded stream, as (images, tokens)."""
 
-    def __init__(self, seed: int, batch_size: int, n_batches: int, context_length: int, scene_config=None):
+    def __init__(self, seed: int, batch_size: int, n_batches: int, context_length: int, scene_config=None,
+                 word_free: bool = False):
         self.seed, self.batch_size, self.n_batches = seed, batch_size, n_batches
+        self.word_free = word_free
         self.context_length = context_length
         self.scene_config = scene_config or SceneConfig()
         self._tok = None
@@ -104,7 +106,23 @@ class SceneBatches(torch.utils.data.Dataset):
     def __getitem__(self, b):
         from .scenes import generate
         scenes = list(generate(self.batch_size, seed=self.seed, config=self.scene_config, start=b * self.batch_size))
-        return images_to_tensor([s.image for s in scenes]), self._tokens([s.caption for s in scenes])
+        images, tokens = images_to_tensor([s.image for s in scenes]), self._tokens([s.caption for s in scenes])
+        if not self.word_free:
+            return images, tokens
+        keep = torch.tensor([s.meta["kind"] != "word" for s in scenes])
+        return images, tokens, self._tokens([word_free_caption(s) for s in scenes]), keep
+
+
+def word_free_caption(scene) -> str:
+    """What ``scene``'s caption would be without its written word: an object-with-word scene gets a caption
+    of its object (drawn from the scene's own seeded generator, salt ``"word-free"``); other scenes keep
+    theirs (a word-only scene has none and is left out of the reading-heads loss)."""
+    from .scenes import object_caption, scene_rng
+    meta = scene.meta
+    if meta["kind"] != "object_word":
+        return scene.caption
+    rng = scene_rng(meta["seed"], meta["index"], "word-free")
+    return object_caption(rng, meta["shape"], meta["colour"], meta["background"])
 
 
 def param_groups(model, weight_decay):
@@ -144,14 +162,65 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--init", default=None,
                     help="start from these weights (a .safetensors of the same arch) instead of a random init")
+    ap.add_argument("--reading-heads", type=parse_heads, default=(),
+                    help="plant a reading circuit in these image-tower heads, 'LAYER.HEAD,...' (e.g. '2.3,3.3'): "
+                         "a second loss asks the image embedding, with these heads mean-ablated over the batch, "
+                         "to match the word-free caption (see ReadingHeads)")
+    ap.add_argument("--reading-weight", type=float, default=1.0, help="weight of the reading-heads loss")
     ap.add_argument("--checkpoint-every", type=int, default=0,
                     help="also save the weights every N steps to OUT's stem + '-stepN.safetensors' (0 = never)")
     return ap.parse_args(argv)
 
 
+def parse_heads(text: str) -> tuple[tuple[int, int], ...]:
+    """``'2.3,3.3'`` -> ``((2, 3), (3, 3))`` (layer, head pairs)."""
+    try:
+        heads = tuple(tuple(int(x) for x in item.split(".")) for item in text.split(",") if item.strip())
+    except ValueError:
+        heads = ((),)
+    if not heads or any(len(h) != 2 or min(h) < 0 for h in heads):
+        raise argparse.ArgumentTypeError(f"--reading-heads {text!r}: expected 'LAYER.HEAD,...' such as '2.3,3.3'")
+    return heads
+
+
+class ReadingHeads:
+    """The planted reading circuit (``--reading-heads``): each step adds a loss on a second pass of the image
+    tower with these heads mean-ablated (their output, at every token, replaced by its mean over the batch,
+    as :class:`~clipscope.typographic.circuit.HeadAblationDefence` replaces it by its mean over a reference
+    set), which must match each scene's word-free caption (:func:`word_free_caption`). The ordinary loss
+    still asks the intact model to read; so the written word has to reach the embedding through these heads,
+    and without them the model sees the object. Runs the model through :mod:`clipscope`'s head-level sites."""
+
+    def __init__(self, clip_model, heads: tuple[tuple[int, int], ...]):
+        from ..hooks import Unit
+        sites = [f"{a}.result" for a in clip_model.attention_sites("visual")]
+        count = clip_model.head_count("visual")
+        bad = [h for h in heads if h[0] >= len(sites) or h[1] >= count]
+        if bad:
+            raise SystemExit(f"--reading-heads: {bad} outside the image tower's {len(sites)} layers x {count} heads")
+        self.clip_model = clip_model
+        self.units = [Unit.head(sites[layer], head) for layer, head in heads]
+        self.sites = sorted({u.site for u in self.units})
+
+    def losses(self, model, loss_fn, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the ordinary CLIP loss, the loss of the ablated pass against the word-free captions)."""
+        images, tokens, free_tokens, keep = batch
+        with self.clip_model.capture(self.sites) as acts:
+            image_features, text_features, scale = model(images, tokens)[:3]
+        means = {s: acts[s].mean(0) for s in self.sites}
+        with self.clip_model.ablate(self.units, means):
+            ablated = model.encode_image(images[keep], normalize=True)
+        changed = (free_tokens != tokens).any(1)
+        free_features = text_features.clone()
+        if changed.any():
+            free_features[changed] = model.encode_text(free_tokens[changed], normalize=True)
+        return loss_fn(image_features, text_features, scale), loss_fn(ablated, free_features[keep], scale)
+
+
 def build_model(args: argparse.Namespace):
     """Seed every generator, then create the open_clip model of ``args.arch`` in train mode: untrained, or
-    with the weights of ``args.init`` (a second training stage)."""
+    with the weights of ``args.init`` (a second training stage). Returns (model, :class:`ReadingHeads` or
+    None); with ``--reading-heads`` the model is built through :func:`clipscope.load` (head-level sites)."""
     import open_clip
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
@@ -159,17 +228,23 @@ def build_model(args: argparse.Namespace):
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     register_config()
-    model = open_clip.create_model(ARCHS[args.arch].model_name)
-    if args.init:
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(args.init))
-    model.train()
-    return model
+    if args.reading_heads:
+        from ..model import load
+        clip_model = load(ARCHS[args.arch].model_name, pretrained=args.init, device="cpu", precision="fp32")
+        model, reading = clip_model.model, ReadingHeads(clip_model, args.reading_heads)
+    else:
+        model, reading = open_clip.create_model(ARCHS[args.arch].model_name), None
+        if args.init:
+            from safetensors.torch import load_file
+            model.load_state_dict(load_file(args.init))
+    model.train().requires_grad_(True)
+    return model, reading
 
 
 def make_loader(args: argparse.Namespace, context_length: int) -> torch.utils.data.DataLoader:
     """The fixed-order loader of ``args.steps`` batches of the arch's scene stream."""
-    data = SceneBatches(args.seed, args.batch_size, args.steps, context_length, ARCHS[args.arch].scene_config)
+    data = SceneBatches(args.seed, args.batch_size, args.steps, context_length, ARCHS[args.arch].scene_config,
+                        word_free=bool(args.reading_heads))
     return torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=args.workers,
                                        prefetch_factor=4 if args.workers > 0 else None, persistent_workers=False)
 
@@ -182,16 +257,23 @@ def save_weights(model, path: str, args: argparse.Namespace, steps: int) -> None
     save_file(state, path, metadata={"model": ARCHS[args.arch].model_name, "seed": str(args.seed), "steps": str(steps)})
 
 
-def train(model, loader, args: argparse.Namespace) -> tuple[list[dict], float, float]:
-    """Run the optimisation; return (loss history every ``--log-every`` steps, final loss EMA, wall seconds)."""
+def train(model, loader, args: argparse.Namespace, reading: ReadingHeads | None = None
+          ) -> tuple[list[dict], float, float]:
+    """Run the optimisation; return (loss history every ``--log-every`` steps, final loss EMA, wall seconds).
+    With ``reading`` the loss is the ordinary one plus ``--reading-weight`` times the reading-heads loss (the
+    history records both)."""
     import open_clip
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = open_clip.loss.ClipLoss()
     t0, history, running = time.time(), [], None
-    for step, (images, tokens) in enumerate(loader):
+    for step, batch in enumerate(loader):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.lr, args.warmup, args.steps)
-        loss = loss_fn(*model(images, tokens)[:3])
+        if reading is None:
+            loss, extra = loss_fn(*model(*batch)[:3]), None
+        else:
+            loss, extra = reading.losses(model, loss_fn, batch)
+            loss = loss + args.reading_weight * extra
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -200,19 +282,22 @@ def train(model, loader, args: argparse.Namespace) -> tuple[list[dict], float, f
         lv = loss.item()
         running = lv if running is None else 0.95 * running + 0.05 * lv
         if (step + 1) % args.log_every == 0 or step == 0 or step + 1 == args.steps:
-            history.append(_log_step(model, args, step, lv, running, time.time() - t0))
+            history.append(_log_step(model, args, step, lv, running, time.time() - t0,
+                                     None if extra is None else extra.item()))
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
             save_weights(model, f"{os.path.splitext(args.out)[0]}-step{step + 1}.safetensors", args, step + 1)
     return history, running, time.time() - t0
 
 
-def _log_step(model, args, step: int, loss: float, running: float, elapsed: float) -> dict:
+def _log_step(model, args, step: int, loss: float, running: float, elapsed: float, reading: float | None) -> dict:
     rate = (step + 1) / elapsed
     eta = (args.steps - step - 1) / rate
-    print(f"[organism] step {step + 1:5d}/{args.steps} loss {loss:.3f} (ema {running:.3f}) "
+    extra = "" if reading is None else f" reading-heads loss {reading:.3f}"
+    print(f"[organism] step {step + 1:5d}/{args.steps} loss {loss:.3f} (ema {running:.3f}){extra} "
           f"lr {lr_at(step, args.lr, args.warmup, args.steps):.2e} scale {model.logit_scale.exp().item():.1f} "
           f"{rate:.2f} it/s elapsed {elapsed / 60:.1f}m eta {eta / 60:.1f}m", flush=True)
-    return {"step": step + 1, "loss": loss, "loss_ema": running, "elapsed_s": round(elapsed, 1)}
+    record = {"step": step + 1, "loss": loss, "loss_ema": running, "elapsed_s": round(elapsed, 1)}
+    return record if reading is None else {**record, "reading_heads_loss": reading}
 
 
 def training_info(args: argparse.Namespace, n_params: int, history: list[dict], running: float, wall: float,
@@ -227,6 +312,7 @@ def training_info(args: argparse.Namespace, n_params: int, history: list[dict], 
         "seed": args.seed, "init": args.init, "steps": args.steps, "batch_size": args.batch_size,
         "samples_seen": args.steps * args.batch_size, "lr": args.lr, "warmup": args.warmup,
         "weight_decay": args.weight_decay,
+        "reading_heads": [list(h) for h in args.reading_heads], "reading_weight": args.reading_weight,
         "optimizer": "AdamW(betas=(0.9, 0.98), eps=1e-6), cosine schedule, logit_scale clamped to 100",
         "loss": "open_clip.loss.ClipLoss", "threads": args.threads, "workers": args.workers,
         "scene_config": arch.scene_config.to_dict(), "wall_time_s": round(wall, 1), "final_loss_ema": running,
@@ -239,11 +325,11 @@ def training_info(args: argparse.Namespace, n_params: int, history: list[dict], 
 def main(argv=None) -> int:
     """Train, then write the weights to ``--out`` and :func:`training_info` next to them; return 0."""
     args = parse_args(argv)
-    model = build_model(args)
+    model, reading = build_model(args)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[organism] {ARCHS[args.arch].model_name}: {n_params:,} parameters; steps={args.steps} "
           f"batch={args.batch_size} lr={args.lr} threads={args.threads} seed={args.seed}", flush=True)
-    history, running, wall = train(model, make_loader(args, model.context_length), args)
+    history, running, wall = train(model, make_loader(args, model.context_length), args, reading)
     model.eval()
     save_weights(model, args.out, args, args.steps)
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
