@@ -33,6 +33,12 @@ The fused attention kernel computes none of the per-head tensors, so while a hea
 captured or ablated its attention module runs the backend's explicit computation instead (the same
 values to float rounding); at all other times the model runs unchanged, at no extra cost.
 
+*Feature sites* (:meth:`HookedModel.attach`) read a site through a sparse autoencoder: ``S.sae`` (for an
+SAE attached to ``S`` under the name ``sae``) holds its feature activations in ``S``'s layout with one unit
+per feature, ``S.sae.pre`` their pre-activations. Editing feature activations (ablating, patching) edits ``S``
+by the decoder's image of the change, so the SAE's reconstruction error is kept; steering adds a feature's
+decoder direction to ``S``.
+
 A :class:`Unit` names a site plus an index into it, and reads or ablates itself
 the same way for every layout, so objectives and dataset-example mining need no
 per-architecture code.
@@ -67,16 +73,20 @@ class Site:
     sites, ``resid_pre``, ``resid_mid``), or one of :data:`HEAD_POINTS` for a per-head tensor of the
     explicit attention computation of the attention module ``module``.
     ``seq_first`` records that the module itself emits ``(L, B, D)``.
+    A *feature site* (:meth:`HookedModel.attach`) has point ``"features"`` (a sparse autoencoder's feature
+    activations) or ``"pre_features"`` (their pre-activations), computed from the activation of the site
+    ``base``, whose layout it shares; ``module_type`` is the autoencoder's class name.
     """
 
     name: str
     module: str
     tower: Literal["visual", "text"]
-    point: Literal["output", "input", "v", "pattern", "z", "result"]
+    point: Literal["output", "input", "v", "pattern", "z", "result", "features", "pre_features"]
     layout: Layout
     shape: tuple[int, ...]
     module_type: str
     seq_first: bool = False
+    base: str | None = None
 
     @property
     def n_units(self) -> int:
@@ -323,6 +333,14 @@ class Unit:
             where[-1] = self.index
         view[tuple(where)] = value
 
+    def add_(self, acts: torch.Tensor, layout: Layout, vector: torch.Tensor) -> None:
+        """Add ``vector`` (one entry per channel/feature of ``acts``) at this unit's token/position, or at
+        every one, in ``acts`` (canonical layout, modified in place); the unit's index is not used."""
+        acts, layout = self._on_head(acts, layout)
+        view = feature_last(acts, layout)
+        where = tuple(self._selector(layout))
+        view[where] = view[where] + vector.to(view.device, view.dtype)
+
 
 def _check_position(position: Any) -> tuple[int, int]:
     """``position`` as a ``(y, x)`` pair of ints, or an error naming it."""
@@ -369,6 +387,11 @@ def unit_means(acts: torch.Tensor, layout: Layout, *, pool: TokenPool = "all", p
 def feature_last(acts: torch.Tensor, layout: Layout) -> torch.Tensor:
     """Return a view of canonical ``acts`` with the channel/feature axis last (conv: ``(B, H, W, C)``)."""
     return acts.movedim(1, -1) if layout == "conv" else acts
+
+
+def feature_first(acts: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """The inverse of :func:`feature_last`: a feature-last view back in the canonical layout."""
+    return acts.movedim(-1, 1) if layout == "conv" else acts
 
 
 # ----------------------------------------------------------------------------------
@@ -651,6 +674,7 @@ class HookedModel:
         self._recorded_towers: list[str] = []
         self._head_points: dict[str, HeadPoints] = {}  # attention module path -> its hook points
         self._explicit: dict[str, tuple[int, Any]] = {}  # module path -> (users, its own instance forward)
+        self._saes: dict[str, nn.Module] = {}  # feature site (and its .pre site) -> its sparse autoencoder
 
     @property
     def sites(self) -> dict[str, Site]:
@@ -682,6 +706,76 @@ class HookedModel:
                                                      + (f" (one of {valid[0]!r} .. {valid[-1]!r})" if valid
                                                         else "; this model declares none"))
         return self._heads[site]
+
+    def attach(self, sae: nn.Module, name: str = "sae") -> str:
+        """Add the *feature site* ``f"{sae.site}.{name}"`` (and its pre-activation site, the same name plus
+        ``.pre``) whose activation is ``sae``'s feature activations of the base site ``sae.site``, in the base
+        site's layout with ``sae.n_features`` units. Returns the feature site's name.
+
+        ``sae`` is a :class:`clipscope.sae.SparseAutoencoder` (or anything with its ``site``, ``d_in``,
+        ``n_features``, ``encode``, ``pre_activation``, ``decoder_direction``, ``W_dec`` and
+        ``input_scale``). Raises :class:`~clipscope.validate.InvalidArgumentError` for a base site that is
+        not a conv, tokens or vector site of this model, a ``d_in`` that differs from its units, or a name
+        in use."""
+        missing = [a for a in ("site", "d_in", "n_features", "encode", "pre_activation", "decoder_direction",
+                               "W_dec", "input_scale") if not hasattr(sae, a)]
+        if missing or not isinstance(sae, nn.Module):
+            raise InvalidArgumentError("sae", type(sae).__name__, "a clipscope.sae.SparseAutoencoder"
+                                       + (f" (this lacks {', '.join(missing)})" if missing else ""))
+        base = self._sae_base(sae)
+        if not isinstance(name, str) or not name.isidentifier():
+            raise InvalidArgumentError("name", name, "a name of letters, digits and underscores (e.g. 'sae')")
+        site_name = f"{base.name}.{name}"
+        if site_name in self.sites or f"{site_name}.pre" in self.sites:
+            raise InvalidArgumentError("name", name, f"a name not in use at {base.name!r} "
+                                                     f"({site_name!r} exists; detach it first)")
+        shape = (sae.n_features, *base.shape[1:]) if base.layout == "conv" else (*base.shape[:-1], sae.n_features)
+        sites = [Site(n, base.module, base.tower, point, base.layout, shape, type(sae).__name__, base=base.name)
+                 for n, point in ((site_name, "features"), (f"{site_name}.pre", "pre_features"))]
+        names = list(self.sites)
+        after = max(i for i, n in enumerate(names) if n == base.name or self.sites[n].base == base.name)
+        items = list(self.sites.items())
+        self._sites = dict(items[:after + 1] + [(s.name, s) for s in sites] + items[after + 1:])
+        self._saes.update({s.name: sae for s in sites})
+        return site_name
+
+    def _sae_base(self, sae: nn.Module) -> Site:
+        """The base site of ``sae``, checked: a conv, tokens or vector site of this model with ``sae.d_in`` units."""
+        valid = [s.name for s in self.sites.values() if s.layout in ("conv", "tokens", "vector") and s.base is None]
+        if sae.site not in valid:
+            import difflib
+            close = difflib.get_close_matches(str(sae.site), valid, n=5, cutoff=0.6)
+            raise InvalidArgumentError("sae.site", sae.site, "a conv, tokens or vector site of this model ("
+                                       + (f"close: {', '.join(close)}" if close else
+                                          f"{len(valid)} sites, e.g. {', '.join(valid[:3])}; model.layers() lists them")
+                                       + ")")
+        base = self.sites[sae.site]
+        if sae.d_in != base.n_units:
+            raise InvalidArgumentError("sae.d_in", sae.d_in, f"{base.n_units}, the units of {base.name!r}")
+        return base
+
+    def detach(self, site: str) -> None:
+        """Remove the feature site ``site`` (the name :meth:`attach` returned) and its pre-activation site."""
+        if site not in self._saes or self.sites[site].point != "features":
+            attached = [n for n, s in self.sites.items() if s.point == "features"]
+            raise InvalidArgumentError("site", site, f"an attached feature site (attached: {attached or 'none'})")
+        for name in (site, f"{site}.pre"):
+            del self._saes[name], self._sites[name]
+
+    def sae(self, site: str) -> nn.Module:
+        """The sparse autoencoder of the feature site (or pre-activation site) ``site``."""
+        info = self.site(site)
+        if info.base is None:
+            attached = [n for n, s in self.sites.items() if s.point == "features"]
+            raise InvalidArgumentError("site", site, f"an attached feature site (attached: {attached or 'none'})")
+        return self._saes[info.name]
+
+    def _feature_sae(self, site: Site) -> nn.Module:
+        return self._saes[site.name]
+
+    def _hook_target(self, site: Site) -> Site:
+        """The site whose module a hook for ``site`` goes on: a feature site's base site, else ``site``."""
+        return self.sites[site.base] if site.base is not None else site
 
     def _module(self, site: Site) -> nn.Module:
         if site.point in HEAD_POINTS:
@@ -786,29 +880,77 @@ class HookedModel:
         acts = Activations(names)
         handles = []
 
-        def record(site: Site, t: torch.Tensor) -> None:
-            t = site.canonical(t)
+        def record(site: Site, target: Site, t: torch.Tensor) -> None:
+            t = target.canonical(t)
+            if site.base is not None:
+                with contextlib.nullcontext() if grad else torch.no_grad():
+                    t = _sae_values(self._feature_sae(site), site, t)
             acts._add(site.name, t.clone() if grad else t.detach().clone())
             if on_record is not None:
                 on_record(site.name)
 
         for site in resolved:
-            module = self._module(site)
-            if site.point == "input":
-                handles.append(module.register_forward_pre_hook(lambda _m, inp, site=site: record(site, inp[0])))
+            target = self._hook_target(site)
+            module = self._module(target)
+            if target.point == "input":
+                handles.append(module.register_forward_pre_hook(
+                    lambda _m, inp, site=site, target=target: record(site, target, inp[0])))
             else:
                 handles.append(module.register_forward_hook(
-                    lambda _m, _inp, out, site=site: record(site, _first_tensor(out))))
+                    lambda _m, _inp, out, site=site, target=target: record(site, target, _first_tensor(out))))
         towers = sorted({site.tower for site in resolved})
         self._recorded_towers.extend(towers)
         try:
-            with self._explicit_attention(resolved):
+            with self._explicit_attention([self._hook_target(site) for site in resolved]):
                 yield acts
         finally:
             for h in handles:
                 h.remove()
             for t in towers:
                 self._recorded_towers.remove(t)
+
+    @contextlib.contextmanager
+    def edit(self, site: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+        """Replace the activation of ``site`` by ``fn(activation)`` in every forward pass inside the block.
+
+        ``fn`` gets a copy of the activation in the site's canonical, batch-first layout (it may modify it
+        in place) and returns a tensor of the same shape. On a feature site (:meth:`attach`) ``fn`` edits the
+        feature activations ``f`` and the base site's activation ``x`` becomes ``x + (fn(f) - f) @ W_dec``
+        (in the base site's units): the SAE's reconstruction error is kept.
+        """
+        if not callable(fn):
+            raise InvalidArgumentError("fn", fn, "a function from an activation tensor to one of the same shape")
+        with self._editing({self.site(site).name: fn}):
+            yield
+
+    @contextlib.contextmanager
+    def _editing(self, edits: Mapping[str, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
+        """Apply ``{site: fn}`` (see :meth:`edit`) in every forward pass inside the block."""
+        resolved = [self.sites[name] for name in edits]
+        for site in resolved:
+            if site.point == "pre_features":
+                raise InvalidArgumentError("site", site.name, f"a site that writes to the model: "
+                                                              f"{site.name!r} holds pre-activations (edit "
+                                                              f"{site.name.removesuffix('.pre')!r})")
+        handles = []
+        try:
+            for site in resolved:
+                target = self._hook_target(site)
+                fn = edits[site.name] if site.base is None else _through_features(self._feature_sae(site),
+                                                                                   site.layout, edits[site.name])
+                handles.append(_edit_hook(self._module(target), target.point, _canonical_edit(target, fn)))
+            targets = [self._hook_target(site) for site in resolved]
+            towers = sorted({site.tower for site in resolved})
+            self._ablated_towers.extend(towers)
+            try:
+                with self._explicit_attention(targets):
+                    yield
+            finally:
+                for t in towers:
+                    self._ablated_towers.remove(t)
+        finally:
+            for h in handles:
+                h.remove()
 
     @contextlib.contextmanager
     def ablate(self, units: Unit | Iterable[Unit],
@@ -819,42 +961,116 @@ class HookedModel:
         ``{site: tensor}`` in the sites' canonical layout (such as :class:`Activations`), from which each
         unit takes its own value (:meth:`Unit.value_in`): a tensor of one example's shape applies to every
         example (mean-ablation with means over a reference set), a batch as long as the forward pass's
-        patches each example from its counterpart (activations captured on other inputs).
+        patches each example from its counterpart (activations captured on other inputs). Units of a
+        feature site set feature activations; the base site changes by the decoder's image of the change.
         """
-        unit_list = _check_units(units)
-        by_site: dict[str, list[Unit]] = {}
-        for u in unit_list:
-            site = self.site(u.site)
-            u.check(site)
-            by_site.setdefault(site.name, []).append(u)
+        by_site = self._units_by_site(units)
         if isinstance(value, Mapping):
             sources = _check_sources(value, [self.sites[n] for n in by_site])
         elif not isinstance(value, torch.Tensor):
             value = check_number("value", value)
-        handles = []
+        edits = {}
         for name, site_units in by_site.items():
             site = self.sites[name]
 
-            def edit(raw: torch.Tensor, site=site, site_units=site_units) -> torch.Tensor:
-                out = raw.clone()
-                view = site.canonical(out)
+            def edit(view: torch.Tensor, site=site, site_units=site_units) -> torch.Tensor:
                 source = _source_batch(sources[site.name], view) if isinstance(value, Mapping) else None
                 for u in site_units:
                     u.ablate_(view, site.layout, value if source is None else u.value_in(source, site.layout))
-                return out
+                return view
+            edits[name] = edit
+        with self._editing(edits):
+            yield
 
-            handles.append(_edit_hook(self._module(site), site.point, edit))
-        resolved = [self.sites[n] for n in by_site]
-        towers = sorted({site.tower for site in resolved})
-        self._ablated_towers.extend(towers)
-        try:
-            with self._explicit_attention(resolved):
-                yield
-        finally:
-            for h in handles:
-                h.remove()
-            for t in towers:
-                self._ablated_towers.remove(t)
+    @contextlib.contextmanager
+    def steer(self, units: Unit | Iterable[Unit], alpha: float) -> Iterator[None]:
+        """Add ``alpha`` times each unit's write direction (:meth:`write_direction`) to its site's activation
+        (a feature unit's: to its base site's), at the unit's token or position, or at every one, in every
+        forward pass inside the block."""
+        alpha = check_number("alpha", alpha)
+        writes: dict[str, list[tuple[Unit, torch.Tensor]]] = {}
+        for name, site_units in self._units_by_site(units).items():
+            target = self._hook_target(self.sites[name])
+            writes.setdefault(target.name, []).extend((u, alpha * self.write_direction(u)) for u in site_units)
+        edits = {}
+        for name, site_writes in writes.items():
+            layout = self.sites[name].layout
+
+            def edit(view: torch.Tensor, layout=layout, site_writes=site_writes) -> torch.Tensor:
+                for u, vector in site_writes:
+                    u.add_(view, layout, vector)
+                return view
+            edits[name] = edit
+        with self._editing(edits):
+            yield
+
+    def write_direction(self, unit: Unit) -> torch.Tensor:
+        """What one unit of ``unit`` adds to its site, as a vector over the site's channels/features (a
+        feature unit's: over its base site's, the SAE's decoder direction): a neuron's basis vector, a
+        direction unit's normalized direction. Detached; on the SAE's device for feature units."""
+        site = self.site(unit.site)
+        unit.check(site)
+        if unit.index is None and unit.direction is None:
+            raise InvalidArgumentError("units", unit, "units with an index or a direction (a whole token, "
+                                                      "position or head has no write direction)")
+        if site.point == "pre_features":
+            raise InvalidArgumentError("units", unit, f"units of a site that writes to the model; "
+                                                      f"{site.name!r} holds pre-activations (use "
+                                                      f"{site.name.removesuffix('.pre')!r})")
+        if site.base is None:
+            if unit.direction is not None:
+                return unit.direction / unit.direction.norm()
+            return torch.nn.functional.one_hot(torch.tensor(unit.index), site.n_units).float()
+        sae = self._feature_sae(site)
+        with torch.no_grad():
+            if unit.direction is not None:
+                d = unit.direction.to(sae.W_dec.device, sae.W_dec.dtype)
+                return (d / d.norm()) @ sae.W_dec / sae.input_scale
+            return sae.decoder_direction(unit.index).detach()
+
+    def _units_by_site(self, units: Unit | Iterable[Unit]) -> dict[str, list[Unit]]:
+        """``units`` checked against their sites and grouped by site name (first-use order)."""
+        by_site: dict[str, list[Unit]] = {}
+        for u in _check_units(units):
+            site = self.site(u.site)
+            u.check(site)
+            by_site.setdefault(site.name, []).append(u)
+        return by_site
+
+
+def _canonical_edit(site: Site, fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` (on a copy of the canonical activation of ``site``) as an edit of the raw tensor the module
+    emits; raises :class:`~clipscope.validate.InvalidArgumentError` if ``fn`` changes the shape."""
+    def edit(raw: torch.Tensor) -> torch.Tensor:
+        view = site.canonical(raw.clone())
+        out = fn(view)
+        if not isinstance(out, torch.Tensor) or out.shape != view.shape:
+            got = f"<{type(out).__name__} of shape {tuple(out.shape)}>" if isinstance(out, torch.Tensor) \
+                else f"<{type(out).__name__}>"
+            raise InvalidArgumentError("fn", got, f"a function returning a tensor of the activation's shape "
+                                                  f"{tuple(view.shape)} at {site.name!r}")
+        return site.canonical(out)
+    return edit
+
+
+def _sae_values(sae: nn.Module, site: Site, base: torch.Tensor) -> torch.Tensor:
+    """The feature activations (``site.point == "features"``) or pre-activations of ``sae`` for the canonical
+    activation ``base`` of its base site, in ``site``'s canonical layout, in the SAE's dtype."""
+    encode = sae.encode if site.point == "features" else sae.pre_activation
+    return feature_first(encode(feature_last(base, site.layout).to(sae.W_dec.dtype)), site.layout)
+
+
+def _through_features(sae: nn.Module, layout: Layout,
+                      fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An edit of a base site's canonical activation ``x`` from ``fn``, an edit of ``sae``'s features ``f``
+    (canonical layout): ``x + (fn(f) - f) @ W_dec`` (in the base site's units), so that the reconstruction
+    error is kept and an edit that changes nothing leaves ``x`` exactly as it was."""
+    def edit(x: torch.Tensor) -> torch.Tensor:
+        f = sae.encode(feature_last(x, layout).to(sae.W_dec.dtype))
+        changed = feature_last(fn(feature_first(f.clone(), layout)), layout)
+        delta = (changed - f) @ sae.W_dec / sae.input_scale
+        return x + feature_first(delta, layout).to(x.dtype)
+    return edit
 
 
 def _edit_hook(module: nn.Module, point: str, edit: Callable[[torch.Tensor], torch.Tensor]):

@@ -279,6 +279,7 @@ class ClipModel:
         self._pixel_stats_cache: dict[tuple, torch.Tensor] = {}  # (dtype, device) -> (2, 3, 1, 1) mean, std
         self._embed_dim: int | None = None
         self._embedding_transforms: list[str] = []  # tags of the transform_embeddings blocks in force
+        self._attached: dict[str, str] = {}  # feature site -> fingerprint of its SAE's weights (for the id)
 
     def __repr__(self) -> str:
         tag = f", pretrained={self.pretrained!r}" if self.pretrained else ""
@@ -286,8 +287,10 @@ class ClipModel:
 
     @property
     def id(self) -> str:
-        """A string that identifies the weights, and any :meth:`transform_embeddings` in force (for cache keys)."""
-        return "|".join([self.name, str(self.pretrained), str(self.dtype), *self._embedding_transforms])
+        """A string that identifies the weights, any :meth:`transform_embeddings` in force and the sparse
+        autoencoders attached (:meth:`attach`; for cache keys)."""
+        saes = [f"{site}={digest}" for site, digest in self._attached.items()]
+        return "|".join([self.name, str(self.pretrained), str(self.dtype), *self._embedding_transforms, *saes])
 
     @contextlib.contextmanager
     def transform_embeddings(self, fn: Callable[[torch.Tensor], torch.Tensor], tag: str) -> Iterator[None]:
@@ -619,9 +622,12 @@ class ClipModel:
         A ResNet bottleneck (and its stage) ends in an in-place ReLU: its pre-activation site is the
         residual sum before that ReLU (``visual.layer4.0.act3.pre`` for ``visual.layer4``). Where a unit
         fires the two are equal; where it does not, the pre-activation still has a gradient. Unknown
-        sites raise :class:`~clipscope.validate.InvalidArgumentError` with close matches.
+        sites raise :class:`~clipscope.validate.InvalidArgumentError` with close matches. A feature site's is
+        its SAE's pre-activation site, ``f"{site}.pre"``.
         """
-        self.site(site)
+        info = self.site(site)
+        if info.point == "features":
+            return f"{site}.pre"
         return self.architecture.pre_activations.get(site, site)
 
     @property
@@ -711,12 +717,58 @@ class ClipModel:
         (an :class:`~clipscope.hooks.Activations`) for patching."""
         return self._hooked.ablate(units, value)
 
+    def edit(self, site: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> contextlib.AbstractContextManager[None]:
+        """``with model.edit(site, fn):`` replaces ``site``'s activation (canonical layout, batch first; a copy
+        that ``fn`` may modify in place) by ``fn(activation)``, of the same shape, in every forward pass inside
+        the block. On a feature site (:meth:`attach`) ``fn`` edits the feature activations and the base site
+        changes by the decoder's image of the change (the reconstruction error is kept)."""
+        return self._hooked.edit(site, fn)
+
+    def steer(self, units: Unit | Iterable[Unit], alpha: float) -> contextlib.AbstractContextManager[None]:
+        """``with model.steer(units, alpha):`` adds ``alpha`` times each unit's write direction to its site in
+        every forward pass inside the block (at the unit's token or position, else everywhere): a neuron's
+        basis vector, a direction unit's normalized direction, a feature unit's decoder direction (added to
+        the SAE's base site). ``alpha`` is in the site's units (a feature's: its activation units)."""
+        return self._hooked.steer(units, alpha)
+
+    def attach(self, sae: nn.Module, name: str = "sae") -> str:
+        """Attach a :class:`clipscope.sae.SparseAutoencoder` (moved to this model's device and frozen, as the
+        model's own parameters are) as the feature
+        site ``f"{sae.site}.{name}"``, returned: its units are the SAE's features, in the layout of the base
+        site ``sae.site``, and every unit tool (capture, ablate, steer, dataset examples, rendered words,
+        labels, feature visualization of ``f"{site}.pre"``, the atlas) takes them. Raises
+        :class:`~clipscope.validate.InvalidArgumentError` naming ``sae.site`` or ``sae.d_in`` when the SAE
+        does not fit this model, or ``name`` when the site exists."""
+        site = self._hooked.attach(sae, name)
+        sae.to(self.device).requires_grad_(False)
+        self._attached[site] = _weights_digest(sae)
+        return site
+
+    def detach(self, site: str) -> None:
+        """Remove the feature site ``site`` that :meth:`attach` returned (and its ``.pre`` site)."""
+        self._hooked.detach(site)
+        del self._attached[site]
+
+    def sae(self, site: str) -> nn.Module:
+        """The sparse autoencoder of the attached feature site ``site`` (or of its ``.pre`` site)."""
+        return self._hooked.sae(site)
+
     def read(self, unit: Unit, acts: Activations | torch.Tensor) -> torch.Tensor:
         """Return ``unit``'s value per example ``(B,)`` from captured activations."""
         site = self.site(unit.site)
         unit.check(site)
         tensor = acts if isinstance(acts, torch.Tensor) else acts[site.name]
         return unit.read(tensor, site.layout, **self._pooling(site))
+
+
+def _weights_digest(module: nn.Module) -> str:
+    """A short hash of ``module``'s configuration and tensors: what cache keys need of an attached SAE."""
+    import hashlib
+    digest = hashlib.sha1(repr(module.config() if hasattr(module, "config") else "").encode())
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _check_texts(texts: Any) -> list[str]:

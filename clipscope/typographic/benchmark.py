@@ -15,8 +15,11 @@ with :func:`register_defence`): ``none``, ``prompt`` (:class:`~clipscope.typogra
 ``ablation`` (zeroing the text units of the image tower's last block,
 :func:`~clipscope.typographic.find_text_units`), ``head_ablation`` (Dyslexify's
 :class:`~clipscope.typographic.circuit.HeadAblationDefence`, ViTs only: on a model without attention
-heads its cells say "not applicable") and ``projection`` (Materzynska et al.'s
-:class:`~clipscope.typographic.projection.ProjectionDefence`). A ready :class:`Defence` object may be
+heads its cells say "not applicable"), ``projection`` (Materzynska et al.'s
+:class:`~clipscope.typographic.projection.ProjectionDefence`) and ``sae_features`` (suppressing the text
+features of a sparse autoencoder given as the option ``sae``, a folder or a
+:class:`~clipscope.sae.SparseAutoencoder`: :class:`~clipscope.typographic.defences.SAEFeatureDefence`; without
+one its cells say "not applicable"). A ready :class:`Defence` object may be
 given instead of a name. Every builder gets the images the defences are fitted on (``fit_images``,
 by default the evaluation images) and their labels.
 
@@ -48,7 +51,7 @@ from ..validate import InvalidArgumentError, check_int, check_names
 from ..model import ClipModel
 from .attack import Attack
 from .circuit import HeadAblationDefence
-from .defences import AblationDefence, Defence, PromptDefence, find_text_units
+from .defences import AblationDefence, Defence, PromptDefence, SAEFeatureDefence, find_text_units
 from .evaluate import TEXT, clean_scores, evaluate
 from .projection import ProjectionDefence
 from .sets import TypographicSet
@@ -56,6 +59,11 @@ from .sets import TypographicSet
 #: How many text units the unit-ablation defence zeroes by default, and on how many images it finds them.
 ABLATION_UNITS = 8
 ABLATION_IMAGES = 32
+
+
+#: Text features the ``sae_features`` defence suppresses by default: on the ResNet organism (a 1,024-feature
+#: TopK SAE of its last stage) 48 cut attack success 0.53 -> 0.18, 16 only to 0.28 (tests/test_sae_defence.py).
+SAE_FEATURES = 48
 
 
 class NotApplicable(Exception):
@@ -197,6 +205,21 @@ def _unit_ablation(model, images, labels, classes, **options) -> Defence:
     return text_unit_ablation(model, images, labels, classes, **options)
 
 
+def _sae_features(model, images, labels, classes, *, seed=0, templates=None, progress=None, sae=None,
+                  features: int = SAE_FEATURES, n_images: int = ABLATION_IMAGES) -> Defence:
+    _needs_weights(model, "the SAE feature defence")
+    if sae is None:
+        raise NotApplicable("the SAE feature defence needs a sparse autoencoder of an image-tower site: give the "
+                            "option sae=FOLDER (saved by SparseAutoencoder.save; clipscope.sae.train_sae trains one)")
+    if isinstance(sae, (str, Path)):
+        from ..sae import SparseAutoencoder
+        sae = SparseAutoencoder.load(sae)
+    readable = list(itertools.islice((im for _, im in iter_images(images) if not isinstance(im, ImageLoadError)),
+                                     check_int("n_images", n_images, low=2)))
+    return SAEFeatureDefence.fit(model, readable, list(classes), sae, k=check_int("features", features, low=1),
+                                 seed=seed)
+
+
 def _needs_weights(model, defence: str) -> None:
     """Raise :class:`NotApplicable` for a model without weights and hooks (a black-box endpoint)."""
     if not isinstance(model, ClipModel):
@@ -205,7 +228,8 @@ def _needs_weights(model, defence: str) -> None:
 
 #: The defences the benchmark builds by name; extend with :func:`register_defence`.
 DEFENCE_BUILDERS: dict[str, DefenceBuilder] = {"none": _none, "prompt": _prompt, "ablation": _unit_ablation,
-                                               "head_ablation": _head_ablation, "projection": _projection}
+                                               "head_ablation": _head_ablation, "projection": _projection,
+                                               "sae_features": _sae_features}
 
 
 def register_defence(name: str, builder: DefenceBuilder) -> None:

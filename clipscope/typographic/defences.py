@@ -2,20 +2,26 @@
 
 A :class:`Defence` may change four things: the class list (and how predictions
 map back to the original classes), the prompt templates, the model while it runs
-(a context manager, e.g. unit ablation) and each image before encoding.
+(a context manager, e.g. unit ablation or the suppression of sparse-autoencoder features,
+:class:`SAEFeatureDefence`) and each image before encoding.
 Subclass it, or wrap plain functions with :class:`FunctionDefence`, to plug in
 your own.
 """
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 
 from ..hooks import Unit
+from ..io import write_text_atomic
 from ..validate import InvalidArgumentError, check_int, check_names, check_number
 from .render import TextStyle, render_text
 
@@ -173,3 +179,100 @@ def find_text_units(model, site: str, images: Sequence[Image.Image], words: Sequ
     d = diff / pooled
     top = torch.topk(d, min(k, d.numel()))
     return TextUnits([Unit(site, index=int(i)) for i in top.indices], [float(v) for v in top.values])
+
+
+#: The name a :class:`SAEFeatureDefence` attaches its autoencoder under while it is in force.
+SAE_DEFENCE_NAME = "text_defence"
+SAE_DEFENCE_FORMAT = "clipscope-sae-feature-defence"
+SAE_DEFENCE_FILE = "defence.json"
+
+
+@dataclass
+class SAEFeatureDefence(Defence):
+    """Suppress the sparse-autoencoder features that fire on rendered text.
+
+    While in force, ``sae`` (a :class:`clipscope.sae.SparseAutoencoder`) is attached to the model
+    (:meth:`~clipscope.ClipModel.attach`) and its ``features`` are zero-ablated at its site: the site's
+    activation loses those features' decoder directions times their activations and keeps everything
+    else, the SAE's reconstruction error included. Joseph et al. (2025, "Steering CLIP's vision transformer
+    with sparse autoencoders") report suppressing such text features as a strong typographic defence.
+    Build one with :meth:`fit` (features ranked as :func:`find_text_units` ranks units: effect size of
+    the feature's mean activation with a written word against without), or :meth:`load` a saved one.
+    ``scores`` are the features' effect sizes (Cohen's d), best first.
+    """
+
+    sae: Any
+    features: Sequence[int]
+    scores: Sequence[float] = ()
+    name: str = "sae_features"
+
+    def __post_init__(self):
+        if not hasattr(self.sae, "n_features") or not isinstance(self.sae, torch.nn.Module):
+            raise InvalidArgumentError("sae", type(self.sae).__name__, "a clipscope.sae.SparseAutoencoder")
+        n = self.sae.n_features
+        if isinstance(self.features, (str, bytes)) or not isinstance(self.features, Sequence) or not self.features:
+            raise InvalidArgumentError("features", self.features, f"a non-empty list of feature indices 0..{n - 1}")
+        self.features = [check_int("features", f, low=0, high=n - 1) for f in self.features]
+        if len(set(self.features)) != len(self.features):
+            raise InvalidArgumentError("features", self.features, "feature indices without repeats")
+        self.scores = [check_number("scores", s) for s in self.scores]
+
+    @classmethod
+    def fit(cls, model, images: Sequence[Image.Image], words: Sequence[str], sae: Any, *, k: int = 16,
+            style: TextStyle | None = None, seed: int = 0) -> "SAEFeatureDefence":
+        """The defence suppressing the ``k`` features of ``sae`` whose mean activation rises most (effect
+        size) when a word of ``words`` is written on ``images`` (PIL images; the words are drawn as
+        :func:`find_text_units` draws them: ``style``, default :class:`TextStyle`, at a seeded random
+        position). Raises :class:`~clipscope.validate.InvalidArgumentError` naming ``sae.site`` or
+        ``sae.d_in`` if ``sae`` does not fit ``model``."""
+        site = model.attach(sae, SAE_DEFENCE_NAME)
+        try:
+            found = find_text_units(model, site, images, words, k=k, style=style, seed=seed)
+        finally:
+            model.detach(site)
+        return cls(sae, [u.index for u in found.units], found.scores)
+
+    @contextlib.contextmanager
+    def context(self, model):
+        site = model.attach(self.sae, SAE_DEFENCE_NAME)
+        try:
+            with model.ablate([Unit(site, index=f) for f in self.features]):
+                yield
+        finally:
+            model.detach(site)
+
+    def describe(self) -> str:
+        listing = ", ".join(str(f) for f in self.features[:12])
+        more = f" and {len(self.features) - 12} more" if len(self.features) > 12 else ""
+        return f"suppression of {len(self.features)} SAE feature(s) of {self.sae.site}: {listing}{more}"
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write the defence into ``folder``: the autoencoder (``sae/``, :meth:`SparseAutoencoder.save`) and
+        ``defence.json`` (features, scores, name), each file atomically; returns the folder."""
+        folder = Path(folder)
+        self.sae.save(folder / "sae")
+        meta = {"format": SAE_DEFENCE_FORMAT, "version": 1, "name": self.name, "features": list(self.features),
+                "scores": list(self.scores)}
+        write_text_atomic(folder / SAE_DEFENCE_FILE, json.dumps(meta, indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, model=None) -> "SAEFeatureDefence":
+        """Read a defence written by :meth:`save`; with ``model``, check that its autoencoder fits the model.
+        A folder that holds no such defence raises :class:`~clipscope.validate.InvalidArgumentError` naming
+        ``folder``; an autoencoder that does not fit ``model`` one naming ``sae.site`` or ``sae.d_in``."""
+        from ..sae import SparseAutoencoder
+        path = Path(folder) / SAE_DEFENCE_FILE
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InvalidArgumentError("folder", str(folder), f"a folder written by SAEFeatureDefence.save "
+                                                              f"(reading {SAE_DEFENCE_FILE}: {exc})") from None
+        if not isinstance(meta, dict) or meta.get("format") != SAE_DEFENCE_FORMAT:
+            raise InvalidArgumentError("folder", str(folder), f"a folder written by SAEFeatureDefence.save "
+                                                              f"({SAE_DEFENCE_FILE} of format {SAE_DEFENCE_FORMAT!r})")
+        defence = cls(SparseAutoencoder.load(Path(folder) / "sae"), meta.get("features"), meta.get("scores", ()),
+                      meta.get("name", "sae_features"))
+        if model is not None:
+            model.detach(model.attach(defence.sae, SAE_DEFENCE_NAME))
+        return defence
