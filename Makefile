@@ -92,6 +92,10 @@ bench: install
 	$(PY) bench/load_memory.py
 	$(PY) bench/head_capture.py
 	$(PY) bench/endpoint_throughput.py
+	$(PY) bench/sae_training.py
+	$(PY) bench/sae_capture.py
+	$(PY) bench/distributed_mining.py
+	$(PY) bench/distributed_eval.py
 
 clean:
 	rm -rf $(VENV) clipscope-demo .pytest_cache test-artifacts

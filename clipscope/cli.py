@@ -88,9 +88,12 @@ def cmd_attack(args) -> int:
     if args.sweep:
         config["sweep"] = _sweep_flag(args.sweep)
     flags = {"defences": args.defence, "out": args.out, "model": args.model, "pretrained": args.pretrained,
-             "ablation_site": args.ablation_site, "ablation_units": args.ablation_units, "seed": args.seed}
+             "ablation_site": args.ablation_site, "ablation_units": args.ablation_units, "seed": args.seed,
+             "cache_dir": args.cache_dir}
     config.update({key: value for key, value in flags.items() if value is not None})
-    index = run_attack_config(config)
+    index = _leaving_group(run_attack_config, config)
+    if index is None:  # a rank other than 0 under a launcher: rank 0 writes and prints
+        return 0
     skipped = pd.read_csv(index.parent / "skipped.csv")
     print(f"report: {index.resolve()}")
     if len(skipped):
@@ -101,7 +104,12 @@ def cmd_attack(args) -> int:
 def _attack_benchmark(args) -> int:
     """``clipscope attack --benchmark CONFIG``: attack sets x defences; --model, --pretrained, --seed, --out and
     the folder (as the data of the generated attacks) override the file."""
+    from .distributed import launched
     from .typographic.run import run_benchmark_config
+    from .validate import InvalidArgumentError
+    if launched():  # every rank would fit every defence and write the same report
+        raise InvalidArgumentError("--benchmark", args.benchmark, "a run in one process: launch `clipscope attack "
+                                   "--benchmark` without torchrun (evaluate, sweep, audit and mine run distributed)")
     config = _attack_config_file(args.benchmark, "--benchmark")
     if args.folder:
         config["data"] = {"path": args.folder}
@@ -147,9 +155,18 @@ def _number(text: str):
     return text.strip()
 
 
+def _leaving_group(run, *args):
+    """``run(*args)``, then leave the process group it joined under a launcher (``torchrun -m clipscope``)."""
+    from .distributed import shutdown
+    try:
+        return run(*args)
+    finally:
+        shutdown()
+
+
 def cmd_audit(args) -> int:
     from .audit.run import cli_audit
-    return cli_audit(args.spec, args.out)
+    return _leaving_group(cli_audit, args.spec, args.out)
 
 
 def _unit_list(text: str) -> list[int]:
@@ -209,6 +226,78 @@ def cmd_visualize(args) -> int:
         print(f"  {label}: final objective {value:.4g}")
     print(f"wrote {len(paths)} PNG(s), grid.png and trace.png to {grid.parent.resolve()}")
     return 0
+
+
+def cmd_mine(args) -> int:
+    """``clipscope mine``: dataset examples of ``--sites`` over ``--data`` into the atlas cache ``--cache-dir``;
+    under ``torchrun`` every rank mines its shard and rank 0 reports."""
+    import time
+
+    import clipscope
+
+    from .distributed import context, shutdown
+    from .io import ensure_folder, write_text_atomic
+    from .neurons import dataset_examples
+    from .validate import check_int
+    for flag, value in (("--k", args.k), ("--batch-size", args.batch_size), ("--checkpoint-every", args.checkpoint_every)):
+        check_int(flag, value, low=1)
+    ctx = context()
+    try:
+        start = time.perf_counter()
+        model = clipscope.load(args.model, pretrained=args.pretrained,
+                               device=ctx.device if ctx.distributed and args.device == "auto" else args.device)
+        units = None if args.units is None else _unit_list(args.units)
+        sites = [name.strip() for text in args.sites for name in text.split(",") if name.strip()]
+        cache = ensure_folder(args.cache_dir)
+        result = dataset_examples(model, _mine_source(args.data), sites, k=args.k, units=units,
+                                  batch_size=args.batch_size, cache_dir=cache, progress=None if ctx.is_main else False,
+                                  checkpoint_every=args.checkpoint_every, fingerprint=args.fingerprint)
+        seconds = time.perf_counter() - start
+        if ctx.is_main:
+            summary = {"model": model.id, "data": str(args.data), "sites": sites, "k": args.k, "units": units,
+                       "n_seen": result.n_seen, "n_skipped": result.n_skipped,
+                       "skipped": [[str(key), reason] for key, reason in result.skipped],
+                       "processes": ctx.world_size, "seconds": round(seconds, 3), "cache_files": result.cache_files}
+            path = write_text_atomic(cache / "mine-summary.json", json.dumps(summary, indent=2))
+            print(f"{model.id}: top/bottom {args.k} examples of {len(sites)} site(s) over {result.n_seen} image(s)"
+                  f" ({result.n_skipped} unreadable skipped), {ctx.world_size} process(es), {seconds:.1f} s")
+            print(f"atlas cache: {cache.resolve()} (summary: {path.name})")
+    finally:
+        shutdown(ctx)
+    return 0
+
+
+def _mine_source(data: str):
+    """The data set ``--data`` names: a ``datasets`` folder (``save_to_disk``) or a folder of images."""
+    from pathlib import Path
+    if (Path(data) / "state.json").is_file() and (Path(data) / "dataset_info.json").is_file():
+        import datasets
+        return datasets.load_from_disk(data)
+    if not Path(data).is_dir():
+        from .validate import InvalidArgumentError
+        raise InvalidArgumentError("--data", data, "a folder of images or a datasets folder (save_to_disk)")
+    return data
+
+
+def _mine_args(p: argparse.ArgumentParser) -> None:
+    """Add the ``mine`` sub-command's arguments to its parser ``p``."""
+    p.add_argument("model", help="model name: 'organism', an open_clip name, 'hf-hub:ORG/REPO', 'hf:ORG/REPO' or a "
+                                 "local folder")
+    p.add_argument("--data", required=True, help="a folder of images (searched recursively) or a datasets folder "
+                                                 "written by save_to_disk")
+    p.add_argument("--sites", nargs="+", required=True,
+                   help="image-tower sites, e.g. visual.layer3 visual.layer4 (or comma-separated)")
+    p.add_argument("--k", type=int, default=8, help="examples kept per unit and side (default 8, the Atlas's k)")
+    p.add_argument("--units", default=None,
+                   help="channel indices, e.g. 0-63 or 3,17 (default: every unit, which is what the Atlas reads)")
+    p.add_argument("--cache-dir", required=True, help="the atlas cache folder: Atlas(..., cache_dir=DIR) reads it")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--checkpoint-every", type=int, default=8,
+                   help="batches between checkpoints of a rank's state (default 8); a killed run resumes from them")
+    p.add_argument("--fingerprint", default=None, help="identifies the data set in the cache (default: computed)")
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path")
+    p.add_argument("--device", default="auto",
+                   help="cuda, mps, cpu or auto (default; under torchrun: cuda:LOCAL_RANK when there is CUDA)")
 
 
 def cmd_demo(args) -> int:
@@ -330,6 +419,9 @@ def _attack_args(p: argparse.ArgumentParser) -> None:
                    help="how many text units the ablation defence zeroes (default 8)")
     p.add_argument("--seed", type=int, default=None, help="seed for wrong-class choices and random positions (default 0)")
     p.add_argument("--out", help="report folder (default: attack-report)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where per-block results are cached (default: OUT/cache); a killed or repeated run, also "
+                        "under torchrun, recomputes only the missing blocks")
     p.add_argument("--model", default=None, help="model name (default: the config's, else 'organism')")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path for --model")
 
@@ -358,6 +450,10 @@ _COMMANDS = (
     ("attack", _attack_args, cmd_attack, "run a typographic attack over a folder and write a report", None),
     ("audit", _audit_args, cmd_audit, "run a bias audit spec (YAML) and write its report", None),
     ("layers", _layers_args, cmd_layers, "list a model's hookable sites", None),
+    ("mine", _mine_args, cmd_mine, "dataset examples of sites over a data set, written as a reusable atlas cache",
+     "Runs on several processes under torchrun (torchrun --nproc-per-node N -m clipscope mine ...): each mines its "
+     "shard and rank 0 merges exactly, prints the summary and writes DIR/mine-summary.json; a killed run resumes "
+     "from DIR. Atlas(model, DATA, k=K, cache_dir=DIR) then reads the examples without a pass over the data."),
     ("serve", _serve_args, cmd_serve, "serve a model's zero-shot classification over HTTP in the endpoint format",
      "Requests are untrusted: image cells may be base64, data: URIs or public http(s) URLs, never local paths. "
      "Query it with clipscope.load('endpoint:http://HOST:PORT/score'), e.g. in an audit spec's models."),

@@ -61,6 +61,9 @@ Layout = Literal["conv", "tokens", "vector", "heads", "pattern"]
 
 #: The per-head tensors of an explicit attention computation, in the order it produces them.
 HEAD_POINTS = ("v", "pattern", "z", "result")
+#: Site-name suffixes with a meaning of their own (an in-place ReLU's input, head-level and residual-stream
+#: sites), which :meth:`HookedModel.attach` refuses as the name of a feature site.
+RESERVED_SITE_NAMES = ("pre", *HEAD_POINTS, "resid_pre", "resid_mid", "resid_post")
 
 
 @dataclass(frozen=True)
@@ -715,16 +718,17 @@ class HookedModel:
         ``sae`` is a :class:`clipscope.sae.SparseAutoencoder` (or anything with its ``site``, ``d_in``,
         ``n_features``, ``encode``, ``pre_activation``, ``decoder_direction``, ``W_dec`` and
         ``input_scale``). Raises :class:`~clipscope.validate.InvalidArgumentError` for a base site that is
-        not a conv, tokens or vector site of this model, a ``d_in`` that differs from its units, or a name
-        in use."""
+        not a conv, tokens or vector site of this model, a ``d_in`` that differs from its units, a name in
+        use or one of :data:`RESERVED_SITE_NAMES`."""
         missing = [a for a in ("site", "d_in", "n_features", "encode", "pre_activation", "decoder_direction",
                                "W_dec", "input_scale") if not hasattr(sae, a)]
         if missing or not isinstance(sae, nn.Module):
             raise InvalidArgumentError("sae", type(sae).__name__, "a clipscope.sae.SparseAutoencoder"
                                        + (f" (this lacks {', '.join(missing)})" if missing else ""))
         base = self._sae_base(sae)
-        if not isinstance(name, str) or not name.isidentifier():
-            raise InvalidArgumentError("name", name, "a name of letters, digits and underscores (e.g. 'sae')")
+        if not isinstance(name, str) or not name.isidentifier() or name in RESERVED_SITE_NAMES:
+            raise InvalidArgumentError("name", name, "a name of letters, digits and underscores (e.g. 'sae') "
+                                                     f"other than the site suffixes {', '.join(RESERVED_SITE_NAMES)}")
         site_name = f"{base.name}.{name}"
         if site_name in self.sites or f"{site_name}.pre" in self.sites:
             raise InvalidArgumentError("name", name, f"a name not in use at {base.name!r} "
@@ -936,8 +940,8 @@ class HookedModel:
         try:
             for site in resolved:
                 target = self._hook_target(site)
-                fn = edits[site.name] if site.base is None else _through_features(self._feature_sae(site),
-                                                                                   site.layout, edits[site.name])
+                fn = edits[site.name] if site.base is None else _through_features(self._feature_sae(site), site,
+                                                                                   edits[site.name])
                 handles.append(_edit_hook(self._module(target), target.point, _canonical_edit(target, fn)))
             targets = [self._hook_target(site) for site in resolved]
             towers = sorted({site.tower for site in resolved})
@@ -1029,28 +1033,41 @@ class HookedModel:
             return sae.decoder_direction(unit.index).detach()
 
     def _units_by_site(self, units: Unit | Iterable[Unit]) -> dict[str, list[Unit]]:
-        """``units`` checked against their sites and grouped by site name (first-use order)."""
+        """``units`` checked against their sites (none of a pre-activation feature site, which nothing writes
+        back from) and grouped by site name (first-use order)."""
         by_site: dict[str, list[Unit]] = {}
         for u in _check_units(units):
             site = self.site(u.site)
             u.check(site)
+            if site.point == "pre_features":
+                raise InvalidArgumentError("units", u, f"units of a site that writes to the model; {site.name!r} "
+                                                       f"holds pre-activations (use "
+                                                       f"{site.name.removesuffix('.pre')!r})")
             by_site.setdefault(site.name, []).append(u)
         return by_site
 
 
 def _canonical_edit(site: Site, fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """``fn`` (on a copy of the canonical activation of ``site``) as an edit of the raw tensor the module
-    emits; raises :class:`~clipscope.validate.InvalidArgumentError` if ``fn`` changes the shape."""
+    emits; raises :class:`~clipscope.validate.InvalidArgumentError` if ``fn`` changes the shape, dtype or
+    device."""
     def edit(raw: torch.Tensor) -> torch.Tensor:
         view = site.canonical(raw.clone())
-        out = fn(view)
-        if not isinstance(out, torch.Tensor) or out.shape != view.shape:
-            got = f"<{type(out).__name__} of shape {tuple(out.shape)}>" if isinstance(out, torch.Tensor) \
-                else f"<{type(out).__name__}>"
-            raise InvalidArgumentError("fn", got, f"a function returning a tensor of the activation's shape "
-                                                  f"{tuple(view.shape)} at {site.name!r}")
-        return site.canonical(out)
+        return site.canonical(_checked_output(fn(view), view, site.name))
     return edit
+
+
+def _checked_output(out: Any, view: torch.Tensor, where: str) -> torch.Tensor:
+    """``out``, the result of an edit function given ``view``; raises
+    :class:`~clipscope.validate.InvalidArgumentError` naming ``fn`` unless it is a tensor of ``view``'s shape,
+    dtype and device (``where`` names the site in the message)."""
+    if isinstance(out, torch.Tensor) and (out.shape, out.dtype, out.device) == (view.shape, view.dtype, view.device):
+        return out
+    got = f"<{type(out).__name__} of shape {tuple(out.shape)}, {out.dtype} on {out.device}>" \
+        if isinstance(out, torch.Tensor) else f"<{type(out).__name__}>"
+    raise InvalidArgumentError("fn", got, f"a function returning a tensor of the activation's shape "
+                                          f"{tuple(view.shape)}, dtype {view.dtype} and device {view.device} "
+                                          f"at {where!r}")
 
 
 def _sae_values(sae: nn.Module, site: Site, base: torch.Tensor) -> torch.Tensor:
@@ -1060,14 +1077,17 @@ def _sae_values(sae: nn.Module, site: Site, base: torch.Tensor) -> torch.Tensor:
     return feature_first(encode(feature_last(base, site.layout).to(sae.W_dec.dtype)), site.layout)
 
 
-def _through_features(sae: nn.Module, layout: Layout,
+def _through_features(sae: nn.Module, site: Site,
                       fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """An edit of a base site's canonical activation ``x`` from ``fn``, an edit of ``sae``'s features ``f``
-    (canonical layout): ``x + (fn(f) - f) @ W_dec`` (in the base site's units), so that the reconstruction
-    error is kept and an edit that changes nothing leaves ``x`` exactly as it was."""
+    (the feature site ``site``'s canonical layout): ``x + (fn(f) - f) @ W_dec`` (in the base site's units), so
+    that the reconstruction error is kept and an edit that changes nothing leaves ``x`` exactly as it was."""
+    layout = site.layout
+
     def edit(x: torch.Tensor) -> torch.Tensor:
         f = sae.encode(feature_last(x, layout).to(sae.W_dec.dtype))
-        changed = feature_last(fn(feature_first(f.clone(), layout)), layout)
+        view = feature_first(f.clone(), layout)
+        changed = feature_last(_checked_output(fn(view), view, site.name), layout)
         delta = (changed - f) @ sae.W_dec / sae.input_scale
         return x + feature_first(delta, layout).to(x.dtype)
     return edit

@@ -20,9 +20,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import hashlib
+import itertools
 import os
 import re
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -279,7 +282,7 @@ class ClipModel:
         self._pixel_stats_cache: dict[tuple, torch.Tensor] = {}  # (dtype, device) -> (2, 3, 1, 1) mean, std
         self._embed_dim: int | None = None
         self._embedding_transforms: list[str] = []  # tags of the transform_embeddings blocks in force
-        self._attached: dict[str, str] = {}  # feature site -> fingerprint of its SAE's weights (for the id)
+        self._attached: dict[str, _SAEState] = {}  # feature site -> its SAE's state before it was attached
 
     def __repr__(self) -> str:
         tag = f", pretrained={self.pretrained!r}" if self.pretrained else ""
@@ -289,7 +292,7 @@ class ClipModel:
     def id(self) -> str:
         """A string that identifies the weights, any :meth:`transform_embeddings` in force and the sparse
         autoencoders attached (:meth:`attach`; for cache keys)."""
-        saes = [f"{site}={digest}" for site, digest in self._attached.items()]
+        saes = [f"{site}={weights_digest(self.sae(site))}" for site in self._attached]
         return "|".join([self.name, str(self.pretrained), str(self.dtype), *self._embedding_transforms, *saes])
 
     @contextlib.contextmanager
@@ -684,6 +687,12 @@ class ClipModel:
         (:func:`clipscope.optvis.render.redirected_relus`)."""
         return [self.model.get_submodule(path) for path in self.architecture.redirectable]
 
+    @property
+    def edits_in_force(self) -> bool:
+        """Whether an :meth:`ablate`, :meth:`edit` or :meth:`steer` block is in force: the model then computes
+        something :attr:`id` does not describe, so nothing computed now may be cached under the id."""
+        return bool(self._hooked.ablated_towers)
+
     def site(self, name: str) -> Site:
         """The :class:`~clipscope.hooks.Site` called ``name`` (unknown names raise with close matches)."""
         return self._hooked.site(name)
@@ -733,21 +742,26 @@ class ClipModel:
 
     def attach(self, sae: nn.Module, name: str = "sae") -> str:
         """Attach a :class:`clipscope.sae.SparseAutoencoder` (moved to this model's device and frozen, as the
-        model's own parameters are) as the feature
+        model's own parameters are, until :meth:`detach`) as the feature
         site ``f"{sae.site}.{name}"``, returned: its units are the SAE's features, in the layout of the base
         site ``sae.site``, and every unit tool (capture, ablate, steer, dataset examples, rendered words,
         labels, feature visualization of ``f"{site}.pre"``, the atlas) takes them. Raises
         :class:`~clipscope.validate.InvalidArgumentError` naming ``sae.site`` or ``sae.d_in`` when the SAE
-        does not fit this model, or ``name`` when the site exists."""
+        does not fit this model, or ``name`` when the site exists or is a reserved suffix
+        (:data:`~clipscope.hooks.RESERVED_SITE_NAMES`)."""
         site = self._hooked.attach(sae, name)
+        earlier = next((state for state in self._attached.values() if state.sae is sae), None)
+        self._attached[site] = earlier or _SAEState.of(sae)
         sae.to(self.device).requires_grad_(False)
-        self._attached[site] = _weights_digest(sae)
         return site
 
     def detach(self, site: str) -> None:
-        """Remove the feature site ``site`` that :meth:`attach` returned (and its ``.pre`` site)."""
+        """Remove the feature site ``site`` that :meth:`attach` returned (and its ``.pre`` site); once no site
+        uses its SAE any more, the SAE is back on the device and with the ``requires_grad`` it had."""
         self._hooked.detach(site)
-        del self._attached[site]
+        state = self._attached.pop(site)
+        if all(other.sae is not state.sae for other in self._attached.values()):
+            state.restore()
 
     def sae(self, site: str) -> nn.Module:
         """The sparse autoencoder of the attached feature site ``site`` (or of its ``.pre`` site)."""
@@ -761,14 +775,49 @@ class ClipModel:
         return unit.read(tensor, site.layout, **self._pooling(site))
 
 
-def _weights_digest(module: nn.Module) -> str:
-    """A short hash of ``module``'s configuration and tensors: what cache keys need of an attached SAE."""
-    import hashlib
-    digest = hashlib.sha1(repr(module.config() if hasattr(module, "config") else "").encode())
-    for name, tensor in module.state_dict().items():
+@dataclass
+class _SAEState:
+    """What :meth:`ClipModel.attach` changes of a sparse autoencoder, as it was before: its device and each
+    parameter's ``requires_grad``."""
+
+    sae: nn.Module
+    device: torch.device | None
+    requires_grad: dict[str, bool]
+
+    @classmethod
+    def of(cls, sae: nn.Module) -> "_SAEState":
+        tensor = next(itertools.chain(sae.parameters(), sae.buffers()), None)
+        return cls(sae, tensor.device if tensor is not None else None,
+                   {name: p.requires_grad for name, p in sae.named_parameters()})
+
+    def restore(self) -> None:
+        if self.device is not None:
+            self.sae.to(self.device)
+        for name, p in self.sae.named_parameters():
+            p.requires_grad_(self.requires_grad.get(name, p.requires_grad))
+
+
+_DIGESTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
+
+
+def weights_digest(module: nn.Module) -> str:
+    """A short hash (16 hex digits) of ``module``'s configuration (``module.config()`` where it has one) and
+    tensors: what cache keys need of a sparse autoencoder. Cached per module and recomputed only when a
+    tensor was replaced or changed in place since (its object, storage or version counter moved; a write through
+    ``tensor.data`` bypasses the counter and is not seen)."""
+    tensors = module.state_dict(keep_vars=True)
+    config = repr(module.config() if hasattr(module, "config") else "")
+    key = (config, *((name, id(t), t.data_ptr(), t._version, t.dtype, tuple(t.shape))
+                     for name, t in tensors.items()))
+    cached = _DIGESTS.get(module)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    digest = hashlib.sha1(config.encode())
+    for name, tensor in tensors.items():
         digest.update(f"{name}{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    _DIGESTS[module] = (key, digest.hexdigest()[:16])
+    return _DIGESTS[module][1]
 
 
 def _check_texts(texts: Any) -> list[str]:

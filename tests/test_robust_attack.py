@@ -35,8 +35,10 @@ def _readable(folder: Path) -> set[str]:
 @pytest.mark.slow
 def test_ablation_defence_runs_from_flags_alone_and_lists_the_corrupt_file(folder, tmp_path, capsys):
     out = tmp_path / "report"
-    rc = main(["attack", str(folder), "--defence", "ablation", "--ablation-units", "4", "--out", str(out)])
+    rc = main(["attack", str(folder), "--defence", "ablation", "--ablation-units", "4", "--out", str(out),
+               "--cache-dir", str(tmp_path / "blocks")])
     assert rc == 0
+    assert any((tmp_path / "blocks").rglob("*.json")) and not (out / "cache").exists()   # per-block results there
     broken = str(folder / "circle" / "broken.png")
     skipped = pd.read_csv(out / "skipped.csv")
     assert list(skipped["key"]) == [broken] and "cannot read image" in skipped["reason"][0]

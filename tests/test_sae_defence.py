@@ -77,6 +77,26 @@ def test_save_and_load_round_trip(organism, tmp_path):
     assert torch.equal(before, after)
 
 
+def test_the_description_tells_apart_every_feature_list_and_sae(organism):
+    sae = random_sae(organism)
+    first = list(range(13))
+    texts = {SAEFeatureDefence(sae, first + [20]).describe(), SAEFeatureDefence(sae, first + [21]).describe(),
+             SAEFeatureDefence(random_sae(organism, seed=1), first + [20]).describe()}
+    assert len(texts) == 3  # differ only after the 12th feature listed, or only in the SAE's weights
+    same = SAEFeatureDefence(random_sae(organism), first + [20])
+    assert same.describe() == SAEFeatureDefence(sae, first + [20]).describe()  # equal contents, equal text
+    with torch.no_grad():
+        same.sae.b_enc.add_(0.1)
+    assert same.describe() != SAEFeatureDefence(sae, first + [20]).describe()
+
+
+def test_the_context_gives_the_sae_back_as_it_was(organism):
+    sae = random_sae(organism)
+    with SAEFeatureDefence(sae, [1, 2]).context(organism):
+        assert not any(p.requires_grad for p in sae.parameters())
+    assert all(p.requires_grad for p in sae.parameters())
+
+
 def test_bad_input_gets_one_clear_error(organism, tmp_path):
     images, _ = scenes(4, FIT_SEED)
     sae = random_sae(organism)
@@ -103,7 +123,7 @@ def _narrow_model():
     return clipscope.load("clipscope-tiny-rn", device="cpu", precision="fp32")
 
 
-def test_the_benchmark_builds_it_from_a_saved_sae_and_says_not_applicable_without_one(organism, tmp_path):
+def test_the_benchmark_builds_it_from_a_saved_sae_or_defence_and_says_not_applicable_without_one(organism, tmp_path):
     images, labels = scenes(8, FIT_SEED)
     build = DEFENCE_BUILDERS["sae_features"]
     with pytest.raises(NotApplicable, match="sae="):
@@ -111,6 +131,10 @@ def test_the_benchmark_builds_it_from_a_saved_sae_and_says_not_applicable_withou
     random_sae(organism).save(tmp_path / "sae")
     defence = build(organism, images, labels, list(SHAPES), sae=str(tmp_path / "sae"), features=3)
     assert isinstance(defence, SAEFeatureDefence) and len(defence.features) == 3
+    SAEFeatureDefence(random_sae(organism), [7, 5, 60], [3.0, 2.0, 1.0]).save(tmp_path / "saved")
+    for folder in (tmp_path / "saved", str(tmp_path / "saved")):  # a saved defence: its features, not re-fitted
+        loaded = build(organism, images, labels, list(SHAPES), sae=folder, features=3)
+        assert loaded.features == [7, 5, 60] and loaded.scores == [3.0, 2.0, 1.0]
 
 
 # ------------------------------------------------------------------------------------- 2. known answer

@@ -7,6 +7,7 @@ import torch
 
 from clipscope import Unit
 from clipscope.hooks import feature_last
+from clipscope.model import weights_digest
 from clipscope.sae import SparseAutoencoder
 from clipscope.validate import InvalidArgumentError
 
@@ -62,6 +63,18 @@ class TestEdit:
         with pytest.raises(ValueError, match="fn"):
             with tiny_rn.edit("visual.layer4", "not a function"):
                 pass
+
+    def test_an_edit_that_changes_the_dtype_or_device_is_refused_naming_fn(self, tiny_rn):
+        x = _batch(tiny_rn, 1)
+        for fn in (lambda a: a.double(), lambda a: a.to("meta")):
+            with tiny_rn.edit("visual.layer4", fn), pytest.raises(InvalidArgumentError, match=r"^fn=.*dtype"):
+                tiny_rn.encode_image(x)
+        site = tiny_rn.attach(random_sae(tiny_rn, "visual.layer3"))
+        try:
+            with tiny_rn.edit(site, lambda f: f.double()), pytest.raises(InvalidArgumentError, match=r"^fn=.*float64"):
+                tiny_rn.encode_image(x)
+        finally:
+            tiny_rn.detach(site)
 
     def test_the_edit_ends_with_the_block(self, tiny_rn):
         x = _batch(tiny_rn)
@@ -216,9 +229,10 @@ class TestAttachRefusals:
         try:
             with pytest.raises(InvalidArgumentError, match="name"):
                 tiny_rn.attach(SparseAutoencoder("visual.layer3", width, 8, k=2))
-            with pytest.raises(InvalidArgumentError, match="pre-activations"):
-                with tiny_rn.ablate(Unit.channel(f"{site}.pre", 0)):
-                    pass
+            for tool in (tiny_rn.ablate, lambda units: tiny_rn.steer(units, 1.0)):
+                with pytest.raises(InvalidArgumentError, match=r"^units=.*pre-activations"):
+                    with tool(Unit.channel(f"{site}.pre", 0)):
+                        pass
             with pytest.raises(InvalidArgumentError, match="attached feature site"):
                 tiny_rn.detach("visual.layer3")
         finally:
@@ -226,6 +240,53 @@ class TestAttachRefusals:
         assert site not in tiny_rn.layers().names()
         with pytest.raises(InvalidArgumentError, match="attached: none"):
             tiny_rn.detach(site)
+
+
+    def test_names_that_clash_with_site_suffixes_are_refused(self, tiny_rn):
+        width = tiny_rn.site("visual.layer3").n_units
+        for name in ("pre", "v", "pattern", "z", "result", "resid_pre", "resid_mid", "resid_post"):
+            with pytest.raises(InvalidArgumentError, match=r"^name="):
+                tiny_rn.attach(SparseAutoencoder("visual.layer3", width, 8, k=2), name)
+        assert not [n for n in tiny_rn.layers().names() if n.startswith("visual.layer3.")
+                    and tiny_rn.site(n).point in ("features", "pre_features")]
+
+
+class TestAttachLeavesTheSAEAsItWas:
+    def test_detach_restores_requires_grad_after_the_last_of_two_attachments(self, tiny_rn):
+        sae = random_sae(tiny_rn, "visual.layer3")
+        sae.b_dec.requires_grad_(False)  # the user's own choice, kept
+        first, second = tiny_rn.attach(sae, "one"), tiny_rn.attach(sae, "two")
+        assert not any(p.requires_grad for p in sae.parameters())
+        tiny_rn.detach(first)
+        assert not any(p.requires_grad for p in sae.parameters())  # still attached as "two"
+        tiny_rn.detach(second)
+        assert {n: p.requires_grad for n, p in sae.named_parameters()} == \
+            {"W_dec": True, "W_enc": True, "b_enc": True, "b_dec": False}
+        assert sae.W_dec.device.type == "cpu"
+
+    def test_the_id_follows_weights_changed_in_place_while_attached(self, tiny_rn):
+        sae = random_sae(tiny_rn, "visual.layer3")
+        plain = tiny_rn.id
+        site = tiny_rn.attach(sae)
+        try:
+            attached = tiny_rn.id
+            assert attached != plain and tiny_rn.id == attached
+            saved = sae.b_enc.detach().clone()
+            with torch.no_grad():
+                sae.b_enc.add_(0.5)
+            changed = tiny_rn.id
+            assert changed != attached
+            with torch.no_grad():
+                sae.b_enc.copy_(saved)
+            assert tiny_rn.id == attached  # a digest of the contents: the same weights, the same id
+            twin = random_sae(tiny_rn, "visual.layer3")
+            assert weights_digest(twin) == weights_digest(sae)
+            with torch.no_grad():
+                twin.W_dec[0, 0] += 1
+            assert weights_digest(twin) != weights_digest(sae)
+        finally:
+            tiny_rn.detach(site)
+        assert tiny_rn.id == plain
 
 
 # ------------------------------------------------------------------------------------------------------

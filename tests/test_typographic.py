@@ -1,6 +1,7 @@
 """Typographic attacks: renderer, attack generation, evaluation, sweeps, defences and data set I/O."""
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -214,6 +215,110 @@ class TestSweeps:
             sweep(tiny_vit, make_images(2), ["cat"] * 2, CLASSES, Attack.targeted("ipod"), {"kerning": [1]})
         with pytest.raises(TypeError, match="re-iterable"):
             sweep(tiny_vit, iter(make_images(2)), ["cat"] * 2, CLASSES, Attack.targeted("ipod"), {"size": [0.1]})
+
+
+def _fill(image, level):
+    """A plain grey image of ``level`` (a defence that makes every image the same, one per level)."""
+    return Image.new("RGB", image.size, (level,) * 3)
+
+
+def _other_fill(image, level):
+    return Image.new("RGB", image.size, (level, 0, 0))
+
+
+class _Holder:
+    def __init__(self, level):
+        self.level = level
+
+    def image(self, image):
+        return _fill(image, self.level)
+
+
+def _same_result(a, b) -> bool:
+    return a.frame.equals(b.frame) and a.skipped == b.skipped
+
+
+class TestDefencesInSweepsAndCaches:
+    def test_a_sweep_under_a_defence_that_changes_the_model_id_equals_separate_evaluations(self, tiny_vit):
+        import torch
+
+        from clipscope.typographic import ProjectionDefence, clean_scores
+        basis = torch.linalg.qr(torch.randn(tiny_vit.embed_dim, 8, generator=torch.Generator().manual_seed(0)))[0].T
+        images, labels = make_images(5, size=64), ["cat", "dog", "ipod", "cat", "dog"]
+        attack = Attack.untargeted(TextStyle(size=0.25))
+        for defence in (ProjectionDefence(basis.contiguous()),  # transform_embeddings: a tag in model.id
+                        FunctionDefence(context_fn=lambda m: m.transform_embeddings(lambda e: e * 2, "double"))):
+            clean = clean_scores(tiny_vit, images, CLASSES, defence=defence, batch_size=2)
+            assert clean.model != tiny_vit.id                    # recorded inside the defence's context
+            swept = sweep(tiny_vit, images, labels, CLASSES, attack, {"size": [0.1, 0.25]}, defence=defence,
+                          batch_size=2)
+            for size, result in zip((0.1, 0.25), swept.results):
+                alone = evaluate(tiny_vit, images, labels, CLASSES, attack.replace(size=size), defence=defence,
+                                 batch_size=2)
+                with_clean = evaluate(tiny_vit, images, labels, CLASSES, attack.replace(size=size),
+                                      defence=defence, batch_size=2, clean=clean)
+                pd.testing.assert_frame_equal(result.frame, alone.frame, check_exact=True)
+                pd.testing.assert_frame_equal(with_clean.frame, alone.frame, check_exact=True)
+
+    def test_the_cache_is_refused_while_the_model_is_edited(self, tiny_vit, tmp_path):
+        from clipscope import Unit
+        images, labels = make_images(3, size=64), ["cat", "dog", "ipod"]
+        attack = Attack.untargeted(TextStyle(size=0.25))
+        evaluate(tiny_vit, images, labels, CLASSES, attack, cache_dir=tmp_path)
+        site = "visual.transformer.resblocks.1"
+        units = [Unit(site, index=i) for i in range(tiny_vit.site(site).n_units)]
+        for edited in (tiny_vit.ablate(units), tiny_vit.edit(site, lambda a: a * 0),
+                       tiny_vit.steer(units[:1], 5.0)):
+            with edited, pytest.raises(ValueError, match="ablate / edit / steer") as error:
+                evaluate(tiny_vit, images, labels, CLASSES, attack, cache_dir=tmp_path)
+            assert error.value.parameter == "cache_dir"
+
+    @pytest.mark.parametrize("make", [lambda level: FunctionDefence(image_fn=functools.partial(_fill, level=level)),
+                                      lambda level: FunctionDefence(image_fn=_Holder(level).image),
+                                      lambda level: FunctionDefence(image_fn=[lambda im: _other_fill(im, 200),
+                                                                              lambda im: _fill(im, 200)][level > 0])],
+                             ids=["partial", "bound method", "names used"])
+    def test_cached_results_follow_the_defence_functions_arguments(self, tiny_vit, tmp_path, make):
+        images, labels = make_images(2, size=64), ["cat", "dog"]
+        attack = Attack.untargeted(TextStyle(size=0.25))
+        dark = evaluate(tiny_vit, images, labels, CLASSES, attack, defence=make(0), cache_dir=tmp_path)
+        light = evaluate(tiny_vit, images, labels, CLASSES, attack, defence=make(255), cache_dir=tmp_path)
+        assert not _same_result(dark, light)                     # another argument, another key
+        assert _same_result(light, evaluate(tiny_vit, images, labels, CLASSES, attack, defence=make(255)))
+        again = evaluate(tiny_vit, images, labels, CLASSES, attack, defence=make(0), cache_dir=tmp_path)
+        assert _same_result(again, dark)
+
+    def test_a_defence_known_only_by_its_address_is_refused_with_a_cache(self, tiny_vit, tmp_path):
+        images, labels = make_images(2, size=64), ["cat", "dog"]
+        marker = object()                                      # repr '<object object at 0x...>': per process
+        defence = FunctionDefence(image_fn=lambda im, marker=marker: im)
+        with pytest.raises(ValueError, match="stable description") as error:
+            evaluate(tiny_vit, images, labels, CLASSES, Attack.untargeted(), defence=defence, cache_dir=tmp_path)
+        assert error.value.parameter == "defence"
+        evaluate(tiny_vit, images, labels, CLASSES, Attack.untargeted(), defence=defence)  # fine without a cache
+
+    def test_each_block_is_cached_on_its_own(self, tiny_vit, tmp_path, monkeypatch):
+        bad = tmp_path / "bad.png"
+        bad.write_bytes(b"nope")
+        images = make_images(9, size=64)
+        images.insert(3, str(bad))
+        labels = ["cat", "dog"] * 5
+        attack = Attack.untargeted(TextStyle(size=0.25))
+        plain = evaluate(tiny_vit, images, labels, CLASSES, attack, batch_size=4)
+        cached = evaluate(tiny_vit, images, labels, CLASSES, attack, batch_size=4, cache_dir=tmp_path / "c")
+        blocks = sorted((tmp_path / "c").glob("evaluate_*.json"))
+        assert len(blocks) == 3                                   # positions 0-3, 4-7, 8-9
+        blocks[1].unlink()
+        encoded = []
+        original = tiny_vit.model.encode_image
+        monkeypatch.setattr(tiny_vit.model, "encode_image",
+                            lambda x, *a, **k: encoded.append(len(x)) or original(x, *a, **k))
+        resumed = evaluate(tiny_vit, images, labels, CLASSES, attack, batch_size=4, cache_dir=tmp_path / "c")
+        assert len(encoded) == 2 and encoded[0] == encoded[1] <= 4  # one block (up to 4 images), clean and attacked
+        for result in (cached, resumed):
+            pd.testing.assert_frame_equal(result.frame, plain.frame, check_exact=True)
+            assert result.skipped == plain.skipped and len(result.skipped) == 1
+            assert [e.index for e in result.examples] == [e.index for e in plain.examples]
 
 
 class TestDataSets:

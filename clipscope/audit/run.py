@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..distributed import Context, context
 from ..io import check_writable, ensure_folder
 from ..progress import progress_bar
 from ..endpoint import PREFIX as ENDPOINT_PREFIX
@@ -109,7 +110,8 @@ def _accuracy(predicted: np.ndarray, values: pd.Series, correct: dict[str, list[
 
 def run_audit(spec_or_path: str | os.PathLike | AuditSpec | dict, *, out: str | os.PathLike | None = None,
               cache_dir: str | os.PathLike | None = None, models: Sequence[Any] | None = None,
-              write: bool = True, progress: bool | None = None) -> AuditResult:
+              write: bool = True, progress: bool | None = None,
+              distributed: bool | None = None) -> AuditResult | None:
     """Run the audit a spec describes and return an :class:`~clipscope.audit.AuditResult`.
 
     ``spec_or_path``: a YAML path, YAML text, a dict or an :class:`AuditSpec` (see :func:`load_spec`
@@ -121,20 +123,35 @@ def run_audit(spec_or_path: str | os.PathLike | AuditSpec | dict, *, out: str | 
     The output folder (when writing) and the cache folder are checked for writing before the data
     are read or any image is encoded: :class:`~clipscope.io.OutputError` names the folder and the cause.
     A taxonomy without ``harm`` or ``labels`` contributes its class shares and predictions only.
+
+    ``distributed`` (default: detect a launcher such as ``torchrun``; see
+    :func:`clipscope.distributed.context`): every rank encodes its share of the images into the
+    shared cache (:func:`~clipscope.audit.cache.embed_cached`); rank 0 alone classifies, computes the
+    metrics (equal to one process's: the merged embeddings are bitwise the same) and writes the
+    report, and returns the result. The other ranks return ``None`` once the images are encoded,
+    having written nothing but cache chunks. On several nodes ``cache_dir`` may be local to each.
     """
     spec = load_spec(spec_or_path)
     t_start = time.perf_counter()
+    ctx = context(distributed)
     out_dir = Path(expand_path(str(out) if out is not None else spec.output))
     cache = _cache_folder(cache_dir, spec, out_dir)
-    for folder in ([out_dir] if write else []) + [cache]:
+    for folder in ([out_dir] if write and ctx.is_main else []) + [cache]:
         check_writable(ensure_folder(folder))  # an audit creates its folders up front
     data = _load_data(spec)
     _check_label_columns(spec, data)
     model_list = list(models) if models is not None else list(spec.models)
+    device = str(ctx.device) if ctx.distributed and spec.device == "auto" else spec.device
     parts = []
     for m in model_list:  # one model in memory at a time
-        parts.append(_audit_model(_load_model(m, spec.device), spec, data, cache, several=len(model_list) > 1,
-                                  progress=progress))
+        model = _load_model(m, device)
+        if not ctx.is_main:
+            _encode_share(model, spec, data, cache, progress, ctx)
+            continue
+        parts.append(_audit_model(model, spec, data, cache, several=len(model_list) > 1, progress=progress,
+                                  distributed=ctx.distributed))
+    if not ctx.is_main:
+        return None
     result = _assemble(spec, data, parts, cache, out_dir, t_start)
     if write:
         result.write_report(out_dir)
@@ -169,10 +186,20 @@ class _ModelAudit:
     provenance: dict = field(default_factory=dict)
 
 
+def _encode_share(model, spec: AuditSpec, data: AuditData, cache: Path, progress: bool | None,
+                  ctx: Context) -> None:
+    """A rank other than 0: encode this rank's share of the images into the cache (with rank 0's
+    :func:`_audit_model`); a black-box model is left to rank 0."""
+    if not is_black_box(model):
+        embed_cached(model, data, cache, chunk_size=spec.chunk_size, batch_size=spec.batch_size, progress=progress,
+                     distributed=ctx.distributed)
+
+
 def _audit_model(model, spec: AuditSpec, data: AuditData, cache: Path, *, several: bool,
-                 progress: bool | None) -> _ModelAudit:
+                 progress: bool | None, distributed: bool = False) -> _ModelAudit:
     """Embed (through the cache), classify under every taxonomy, disaggregate, and measure retrieval.
 
+    ``distributed``: the images are encoded together with the other ranks (this is rank 0).
     A black-box model classifies each taxonomy itself (no embeddings, no retrieval metrics)."""
     t0 = time.perf_counter()
     black_box = is_black_box(model)
@@ -182,7 +209,7 @@ def _audit_model(model, spec: AuditSpec, data: AuditData, cache: Path, *, severa
         predict: Callable = lambda tax: scored.predictions[tax.name]  # noqa: E731
     else:
         cached = embed_cached(model, data, cache, chunk_size=spec.chunk_size, batch_size=spec.batch_size,
-                              progress=progress)
+                              progress=progress, distributed=distributed)
         rows, unreadable, stats = cached.rows, cached.unreadable, cached.stats
         predict = lambda tax: _top1(model, tax, cached.embeddings)  # noqa: E731
     t_embed = time.perf_counter() - t0
@@ -367,12 +394,16 @@ def _load_data(spec: AuditSpec):
 def cli_audit(spec_path: str, out: str | None = None) -> int:
     """``clipscope audit SPEC.yaml [--out DIR]``: run the audit, write the report, print a summary.
 
-    Returns the process exit code: 0 on success, 2 for an invalid spec or data set or a resource fault
-    (an ``OSError``: a missing file, an unwritable output or cache folder); the message goes to stderr.
+    Under a launcher (``torchrun --nproc-per-node N -m clipscope audit ...``) the ranks share the
+    encoding and rank 0 alone writes the report and prints. Returns the process exit code: 0 on
+    success, 2 for an invalid spec or data set or a resource fault (an ``OSError``: a missing file, an
+    unwritable output or cache folder); the message goes to stderr.
     """
     from ..hub import UnknownModelError, UnsafeCheckpointError, WeightsNotAvailableError
     try:
         result = run_audit(spec_path, out=out)
+        if result is None:  # a rank other than 0 under a launcher: rank 0 reports
+            return 0
     except (SpecError, OSError, ValueError, UnknownModelError, WeightsNotAvailableError,
             UnsafeCheckpointError) as exc:
         print(f"clipscope audit: {exc}", file=sys.stderr)

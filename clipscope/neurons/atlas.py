@@ -160,7 +160,11 @@ class Atlas:
       the model's prompt templates, so a concept means the thing rather than its written word; on the
       organism, bare words, the default of :func:`~clipscope.neurons.label_units` as in CLIP-Dissect,
       label 2 of 6 colour units correctly against 6 of 6 with prompts; ``"{}"`` for bare words);
-    - ``cache_dir``: where dataset-example mining keeps its resumable state;
+    - ``cache_dir``: where dataset-example mining keeps its resumable state (``clipscope mine`` fills it
+      ahead of time, on many processes);
+    - ``distributed``: how dataset examples are mined (:func:`~clipscope.neurons.dataset_examples`):
+      ``None`` in parallel under ``torchrun`` / ``accelerate launch``, ``True`` requires a launcher,
+      ``False`` in this process only. The rendered words and labels are computed on every rank;
     - ``timings``: seconds spent per (site, view), filled as views are computed.
     """
 
@@ -180,6 +184,7 @@ class Atlas:
     batch_size: int = 64
     cache_dir: str | None = None
     progress: bool | None = None
+    distributed: bool | None = None
     timings: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -216,7 +221,7 @@ class Atlas:
             self.check_site(site)
             self._examples[site] = self._timed(site, "dataset examples", lambda: dataset_examples(
                 self.model, self.images, site, k=self.k, batch_size=self.batch_size, cache_dir=self.cache_dir,
-                progress=self.progress))
+                progress=self.progress, distributed=self.distributed))
         return self._examples[site]
 
     def word_responses(self, site: str) -> WordResponses:

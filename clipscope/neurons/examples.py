@@ -14,6 +14,14 @@ atomically every ``checkpoint_every`` batches (and when the run is interrupted);
 the same model, data set, site, ``k``, units and token pool resumes where it stopped and returns the same
 result. Layouts are handled by the hooks layer (:func:`~clipscope.hooks.feature_last`), so this
 module has no per-architecture code.
+
+Under a launcher (``torchrun``, ``accelerate launch``; :mod:`clipscope.distributed`) or with
+``distributed=True`` each rank mines its shard of the source (contiguous whole batches, so its batches
+are the ones one process makes) into its own cache file, then every rank gathers the per-rank
+top/bottom ``k`` and merges them exactly (by value, ties by global position: the single-process
+order); rank 0 writes the merged state as the ordinary single-process cache entry, and every rank
+returns the same result. A killed rank's shard resumes from its file on relaunch; finished shards
+are not mined again.
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ from PIL import Image
 
 from ..data import (ImageLoadError, iter_images, list_image_files, load_image, prefetch, source_fingerprint,
                     source_length)
+from ..distributed import Context, Shard, barrier, context, gather_objects, main_bar, split_source
 from ..hooks import feature_last, site_names
 from ..io import write_bytes_atomic
 from ..progress import ManualBar, manual_bar
@@ -399,19 +408,20 @@ def _iter_from(source: Any, start: int):
         yield pos, key, item
 
 
-def _batches(model, source: Any, start: int, batch_size: int):
-    """Background-loadable batches: ``(images (B,3,H,W) | None, positions, keys, skipped, consumed)``."""
+def _batches(model, source: Any, start: int, batch_size: int, shard: Shard | None = None):
+    """Background-loadable batches: ``(images (B,3,H,W) | None, positions, keys, skipped, consumed)``, from
+    source position ``start`` on (to the end of ``shard`` when given: a rank's part)."""
     size = tuple(model.image_size)
     if isinstance(source, torch.Tensor) and source.ndim == 4 and tuple(source.shape[-2:]) == size:
         # a preprocessed tensor: batches are slices (no per-image loop, no copy; stays on its device)
-        n = source.shape[0]
+        n = source.shape[0] if shard is None else shard.stop
         for i in range(start, n, batch_size):
             j = min(i + batch_size, n)
             yield source[i:j], torch.arange(i, j), list(range(i, j)), [], j
         return
     tensors, positions, keys, skipped = [], [], [], []
     last = start - 1
-    for pos, key, item in _iter_from(source, start):
+    for pos, key, item in (_iter_from(source, start) if shard is None else shard.items(start)):
         last = pos
         if isinstance(item, ImageLoadError):
             skipped.append([pos, key, str(item)])
@@ -456,7 +466,8 @@ def _normalize_units(model, names: list[str], units) -> dict[str, list[int] | No
 def dataset_examples(model, source: Any, sites: str | Iterable[str], *, k: int = 16,
                      units: Sequence[int] | Mapping[str, Sequence[int]] | None = None, batch_size: int = 64,
                      cache_dir: str | os.PathLike | None = None, progress: bool | None = None,
-                     checkpoint_every: int = 8, fingerprint: str | None = None) -> DatasetExamples:
+                     checkpoint_every: int = 8, fingerprint: str | None = None,
+                     distributed: bool | None = None) -> DatasetExamples:
     """Find the top and bottom ``k`` images of ``source`` for many units at once, in one pass.
 
     Parameters
@@ -472,6 +483,11 @@ def dataset_examples(model, source: Any, sites: str | Iterable[str], *, k: int =
         Keyed by (model id, data set fingerprint, site, ``k``, units).
     checkpoint_every: batches between cache writes (the state is also written on interruption).
     fingerprint: identifies the data set for the cache when it cannot be computed (streams).
+    distributed: ``None`` (default) mines in parallel when launched under ``torchrun`` / ``accelerate
+        launch`` (detected from the environment, :func:`clipscope.distributed.context`), ``True``
+        requires a launcher, ``False`` mines the whole source in this process. Distributed, call it on
+        every rank (it gathers across them): each returns the same merged result, equal to one
+        process's (see the module's documentation).
 
     Unreadable images are skipped and listed in ``skipped``. A unit's value for an image is the
     mean of its activation over positions/tokens; ``position`` is where its activation map peaks
@@ -481,15 +497,14 @@ def dataset_examples(model, source: Any, sites: str | Iterable[str], *, k: int =
         raise ValueError("k must be at least 1")
     names = _image_sites(model, sites)
     chosen = _normalize_units(model, names, units)
-    device = torch.device(model.device)
-    running = {name: _Running(model.site(name), chosen[name], k, device) for name in names}
+    ctx = context(distributed)
     paths = _cache_paths(model, source, names, chosen, k, cache_dir, fingerprint)
-    for name, path in paths.items():
-        state = _read_state(path)
-        if state is not None and state.get("version") == CACHE_VERSION:
-            running[name].restore(state, device)
+    running = _restored(model, names, chosen, k, paths)
     todo = [name for name in names if not running[name].done]
-    if todo:
+    if ctx.distributed:       # every rank takes part, even one that sees the merged entry finished
+        running = _mine_distributed(model, source, running, paths, ctx, batch_size=batch_size, progress=progress,
+                                    checkpoint_every=checkpoint_every)
+    elif todo:
         _mine(model, source, running, todo, paths, batch_size=batch_size, progress=progress,
               checkpoint_every=checkpoint_every)
     first = running[names[0]]
@@ -527,6 +542,19 @@ def _cache_paths(model, source: Any, names: list[str], chosen: dict[str, list[in
             for name in names}
 
 
+def _restored(model, names: list[str], chosen: dict[str, list[int] | None], k: int, paths: dict[str, Path],
+              start: int = 0) -> dict[str, _Running]:
+    """A running state per site from source position ``start``, restored from its cache file in ``paths`` if any."""
+    device = torch.device(model.device)
+    running = {name: _Running(model.site(name), chosen[name], k, device) for name in names}
+    for name, run in running.items():
+        run.consumed = start
+        state = _read_state(paths[name]) if name in paths else None
+        if state is not None and state.get("version") == CACHE_VERSION:
+            run.restore(state, device)
+    return running
+
+
 def _checkpoint(running: dict[str, _Running], paths: dict[str, Path]) -> None:
     """Write the running state of each site in ``paths`` to its cache file."""
     for name, path in paths.items():
@@ -535,13 +563,17 @@ def _checkpoint(running: dict[str, _Running], paths: dict[str, Path]) -> None:
 
 
 def _mine(model, source: Any, running: dict[str, _Running], todo: list[str], paths: dict[str, Path], *,
-          batch_size: int, progress: bool | None, checkpoint_every: int) -> None:
-    """Stream ``source`` into the running state of the ``todo`` sites, checkpointing to ``paths``; marks them done."""
+          batch_size: int, progress: bool | None, checkpoint_every: int, shard: Shard | None = None,
+          ctx: Context | None = None) -> None:
+    """Stream ``source`` (this rank's ``shard`` of it, when given) into the running state of the ``todo``
+    sites, checkpointing to ``paths``; marks them done."""
     start = min(running[n].consumed for n in todo)
     n_batches = 0
+    bar = (_progress_bar(source, start, batch_size, progress) if shard is None
+           else _shard_bar(source, shard, start, batch_size, progress, ctx))
     try:
-        with torch.no_grad(), _progress_bar(source, start, batch_size, progress) as bar:
-            for x, positions, keys, skipped, consumed in prefetch(_batches(model, source, start, batch_size)):
+        with torch.no_grad(), bar:
+            for x, positions, keys, skipped, consumed in prefetch(_batches(model, source, start, batch_size, shard)):
                 _merge_batch(model, running, todo, x, positions, keys, skipped, consumed)
                 n_batches += 1
                 bar.update(len(keys) + len(skipped))
@@ -563,6 +595,77 @@ def _progress_bar(source: Any, start: int, batch_size: int, progress: bool | Non
     total = source_length(source)
     left = None if total is None else total - start
     return manual_bar(progress, left is None or left > batch_size, "dataset examples", total=left)
+
+
+def _shard_bar(source: Any, shard: Shard, start: int, batch_size: int, progress: bool | None,
+               ctx: Context) -> ManualBar:
+    """The progress bar of a rank's mining pass: on rank 0 only, over the items left on all ranks."""
+    total = source_length(source) if shard.stop is not None else None
+    left = None if total is None else min(total, len(range(start, shard.stop)) * ctx.world_size)
+    return main_bar(ctx, progress, left is None or left > batch_size * ctx.world_size, "dataset examples", left)
+
+
+# ----------------------------------------------------------------------------------------
+# Distributed mining: a shard per rank, then an exact merge
+
+
+def _rank_cache_paths(paths: dict[str, Path], shard: Shard) -> dict[str, Path]:
+    """The cache files of one rank's shard: the site's single-process entry with the rank, the world size
+    and the shard's range in the name (a relaunch with another split starts afresh)."""
+    span = f"{shard.start}-{'stream' if shard.stop is None else shard.stop}"
+    return {name: path.with_name(f"{path.stem}.rank{shard.rank}-of-{shard.world_size}.{span}.pt")
+            for name, path in paths.items()}
+
+
+def _mine_distributed(model, source: Any, merged: dict[str, _Running], paths: dict[str, Path], ctx: Context, *,
+                      batch_size: int, progress: bool | None, checkpoint_every: int) -> dict[str, _Running]:
+    """Mine this rank's shard (resuming from its cache files), gather every rank's state and merge them;
+    returns the merged state (the same on every rank), written by rank 0 to ``paths``."""
+    if all(gather_objects(all(run.done for run in merged.values()), ctx)):
+        return merged                                   # every rank sees the finished merged entry
+    names = list(merged)
+    shard = split_source(source, ctx, block=batch_size)
+    rank_paths = _rank_cache_paths(paths, shard)
+    running = _restored(model, names, {n: merged[n].units for n in names}, merged[names[0]].k, rank_paths,
+                        shard.start)
+    todo = [name for name in names if not running[name].done]
+    if todo:
+        _mine(model, source, running, todo, rank_paths, batch_size=batch_size, progress=progress,
+              checkpoint_every=checkpoint_every, shard=shard, ctx=ctx)
+    for run in running.values():
+        run.prune_keys()
+    states = gather_objects({name: run.state() for name, run in running.items()}, ctx)
+    for name, run in merged.items():
+        _merge_states(run, [state[name] for state in states])
+    if ctx.is_main and paths:
+        _checkpoint(merged, paths)
+    barrier(ctx)
+    if all(path.is_file() for path in paths.values()):      # the merged entry replaces this rank's files
+        for path in rank_paths.values():
+            path.unlink(missing_ok=True)
+    return merged
+
+
+def _merge_states(run: _Running, states: Sequence[dict]) -> None:
+    """Set ``run`` (a fresh running state) to the exact merge of the per-rank ``states`` of its site: the top
+    and bottom ``k`` of their union by value, ties by source position (as one process orders them)."""
+    run.top = _merge_side([s["top"] for s in states], run.k, descending=True)
+    run.bottom = _merge_side([s["bottom"] for s in states], run.k, descending=False)
+    run.consumed = max(int(s["consumed"]) for s in states)
+    run.n_seen = sum(int(s["n_seen"]) for s in states)
+    run.done = all(bool(s["done"]) for s in states)
+    run.skipped = sorted((list(x) for s in states for x in s["skipped"]), key=lambda x: x[0])
+    run.keys = {int(p): key for s in states for p, key in s["keys"]}
+    run.prune_keys()
+
+
+def _merge_side(sides: Sequence[Sequence[torch.Tensor]], k: int, descending: bool) -> tuple[torch.Tensor, ...]:
+    """The ``k`` best rows of the per-rank ``(values, positions, where)`` ``(k, U)`` tensors, per column."""
+    v, p, w = (torch.cat([side[i].cpu() for side in sides]) for i in range(3))
+    by_position = torch.sort(p, dim=0, stable=True).indices            # ties: earlier source position first
+    v, p, w = v.gather(0, by_position), p.gather(0, by_position), w.gather(0, by_position)
+    order = torch.sort(v, dim=0, descending=descending, stable=True).indices[:k]
+    return v.gather(0, order), p.gather(0, order), w.gather(0, order)
 
 
 def _merge_batch(model, running: dict[str, _Running], todo: list[str], x: torch.Tensor | None,

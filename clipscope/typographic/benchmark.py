@@ -18,8 +18,9 @@ with :func:`register_defence`): ``none``, ``prompt`` (:class:`~clipscope.typogra
 heads its cells say "not applicable"), ``projection`` (Materzynska et al.'s
 :class:`~clipscope.typographic.projection.ProjectionDefence`) and ``sae_features`` (suppressing the text
 features of a sparse autoencoder given as the option ``sae``, a folder or a
-:class:`~clipscope.sae.SparseAutoencoder`: :class:`~clipscope.typographic.defences.SAEFeatureDefence`; without
-one its cells say "not applicable"). A ready :class:`Defence` object may be
+:class:`~clipscope.sae.SparseAutoencoder`: :class:`~clipscope.typographic.defences.SAEFeatureDefence`, or a
+folder written by :meth:`SAEFeatureDefence.save <clipscope.typographic.defences.SAEFeatureDefence.save>`, whose
+features are used as saved; without one its cells say "not applicable"). A ready :class:`Defence` object may be
 given instead of a name. Every builder gets the images the defences are fitted on (``fit_images``,
 by default the evaluation images) and their labels.
 
@@ -51,7 +52,7 @@ from ..validate import InvalidArgumentError, check_int, check_names
 from ..model import ClipModel
 from .attack import Attack
 from .circuit import HeadAblationDefence
-from .defences import AblationDefence, Defence, PromptDefence, SAEFeatureDefence, find_text_units
+from .defences import SAE_DEFENCE_FILE, AblationDefence, Defence, PromptDefence, SAEFeatureDefence, find_text_units
 from .evaluate import TEXT, clean_scores, evaluate
 from .projection import ProjectionDefence
 from .sets import TypographicSet
@@ -210,7 +211,10 @@ def _sae_features(model, images, labels, classes, *, seed=0, templates=None, pro
     _needs_weights(model, "the SAE feature defence")
     if sae is None:
         raise NotApplicable("the SAE feature defence needs a sparse autoencoder of an image-tower site: give the "
-                            "option sae=FOLDER (saved by SparseAutoencoder.save; clipscope.sae.train_sae trains one)")
+                            "option sae=FOLDER (saved by SparseAutoencoder.save, clipscope.sae.train_sae trains "
+                            "one; or a defence saved by SAEFeatureDefence.save)")
+    if isinstance(sae, (str, Path)) and (Path(sae) / SAE_DEFENCE_FILE).is_file():
+        return SAEFeatureDefence.load(sae, model)
     if isinstance(sae, (str, Path)):
         from ..sae import SparseAutoencoder
         sae = SparseAutoencoder.load(sae)

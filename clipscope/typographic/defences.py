@@ -10,6 +10,7 @@ your own.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from PIL import Image
 
 from ..hooks import Unit
 from ..io import write_text_atomic
+from ..model import weights_digest
 from ..validate import InvalidArgumentError, check_int, check_names, check_number
 from .render import TextStyle, render_text
 
@@ -234,6 +236,11 @@ class SAEFeatureDefence(Defence):
 
     @contextlib.contextmanager
     def context(self, model):
+        """A context manager in force while ``model`` encodes: :attr:`sae` attached as the feature site
+        ``f"{sae.site}.{SAE_DEFENCE_NAME}"`` with :attr:`features` zero-ablated; on exit the site is detached
+        (the SAE back on its device and with its ``requires_grad``). Raises
+        :class:`~clipscope.validate.InvalidArgumentError` naming ``sae.site`` or ``sae.d_in`` if the SAE does
+        not fit ``model``."""
         site = model.attach(self.sae, SAE_DEFENCE_NAME)
         try:
             with model.ablate([Unit(site, index=f) for f in self.features]):
@@ -242,9 +249,15 @@ class SAEFeatureDefence(Defence):
             model.detach(site)
 
     def describe(self) -> str:
+        """What the defence does: its site, how many features and the first 12 of them, then a digest of the
+        whole feature list and the SAE's weights (:func:`~clipscope.model.weights_digest`), so that defences
+        that differ in any feature or weight describe differently (clean scores are matched on this text)."""
         listing = ", ".join(str(f) for f in self.features[:12])
         more = f" and {len(self.features) - 12} more" if len(self.features) > 12 else ""
-        return f"suppression of {len(self.features)} SAE feature(s) of {self.sae.site}: {listing}{more}"
+        key = f"{list(self.features)}|{weights_digest(self.sae)}"
+        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+        return (f"suppression of {len(self.features)} SAE feature(s) of {self.sae.site}: {listing}{more} "
+                f"(features and SAE {digest})")
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the defence into ``folder``: the autoencoder (``sae/``, :meth:`SparseAutoencoder.save`) and

@@ -11,24 +11,44 @@ Metrics (all fractions in [0, 1]):
 - ``mean_target_probability``: mean attacked probability of the written class;
 - ``mean_cover``: mean fraction of pixels the text changed;
 - ``text_detected_rate``: attacked images predicted as a defence's "text" class.
+
+Batches, ranks and the cache: a batch always holds the readable images among one block of
+``batch_size`` consecutive input positions (so a batch next to unreadable files is smaller). Under a
+launcher (``torchrun``, ``accelerate launch``) or with ``distributed=True``, :func:`clean_scores`,
+:func:`evaluate` and :func:`sweep` give each rank a contiguous range of whole blocks, and every rank
+returns the merged result, identical to one process's: the rows come back in the input's order and
+each image is scored in the same batch however the images are split. With ``cache_dir`` each block's
+results are written as the block completes, keyed by the setting and the block (not by the rank), so
+a relaunch after a killed rank, on any number of processes, computes only the unfinished blocks.
 """
 from __future__ import annotations
 
+import dataclasses
+import collections
 import functools
+import hashlib
+import itertools
+import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import os
+import types
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..endpoint import EndpointHead, is_black_box
-from ..data import batched, default_workers, ordered_map, prefetch, source_length
+from ..data import ImageLoadError, default_workers, ordered_map, prefetch, source_fingerprint, source_length
+from ..distributed import Context, Shard, context, gather_objects, main_bar, split_source
+from ..io import ensure_folder, write_text_atomic
 from ..model import ZeroShotClassifier
-from ..progress import ManualBar, manual_bar, progress_bar
+from ..progress import ManualBar, progress_bar
 from ..validate import InvalidArgumentError, check_int, check_names, check_same_length
-from .attack import Attack, AttackedImage, attack_job, readable_jobs
+from .attack import Attack, AttackedImage, attack_job, image_key, readable_jobs
 from .defences import Defence
 
 TEXT = "<text>"  # the prediction recorded when a defence's "text that says ..." class wins
@@ -107,6 +127,269 @@ class AttackResult:
                 f"{len(self.frame)} images{note}</p>{table}")
 
 
+# ---------------------------------------------------------------------------------------
+# Blocks of batch_size positions: the unit of batching, of splitting over ranks and of the cache
+
+
+def _range_jobs(images: Any, labels: Sequence[str | None] | None, ctx: Context, positions: range,
+                skipped: list) -> Iterator[tuple]:
+    """``(position, key, image, label)`` of the readable images at ``positions`` (a contiguous range of the
+    source), with the keys :func:`~clipscope.typographic.attack.readable_jobs` gives; the unreadable ones go to
+    ``skipped`` as ``(position, key, reason)``."""
+    shard = Shard(images, ctx.rank, ctx.world_size, positions.start, positions.stop)
+    for position, key, image in shard.items():
+        key = image_key(images, key)
+        if isinstance(image, ImageLoadError):
+            skipped.append((position, key, str(image)))
+            continue
+        if not isinstance(image, Image.Image):
+            raise TypeError("typographic attacks need PIL images, paths or a data set, not preprocessed tensors")
+        yield position, key, image, None if labels is None else labels[position]
+
+
+def _position_batches(items: Iterable, size: int, position: Callable[[Any], int]) -> Iterator[list]:
+    """Lists of the consecutive ``items`` whose ``position(item)`` falls in one block of ``size`` positions
+    (``0..size-1``, ``size..2*size-1``, ...): a batch is the same whichever range of positions a process reads."""
+    batch, block = [], None
+    for item in items:
+        b = position(item) // size
+        if batch and b != block:
+            yield batch
+            batch = []
+        batch.append(item)
+        block = b
+    if batch:
+        yield batch
+
+
+def _runs(blocks: Iterable[int]) -> list[list[int]]:
+    """``blocks`` (increasing) grouped into runs of consecutive numbers."""
+    runs: list[list[int]] = []
+    for b in blocks:
+        if runs and runs[-1][-1] == b - 1:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    return runs
+
+
+def _block_parts(images: Any, labels: Sequence[str | None] | None, ctx: Context, batch_size: int,
+                 cache: "_BlockCache | None", score: Callable[[Iterator], Iterator], bar: ManualBar) -> list[dict]:
+    """This rank's results as parts (dicts of lists, in input order): ``score(jobs)`` yields ``(block, part, n)``
+    for each batch of ``n`` readable ``jobs`` (``(position, key, image, label)``), one batch per block of
+    ``batch_size`` positions; every part also gets ``skipped``, the ``(key, reason)`` of its unreadable images.
+
+    One process without a ``cache`` reads ``images`` once, as they come (a stream too). Otherwise the parts are
+    one per block of this rank's range (whole blocks, :func:`~clipscope.distributed.split_source`): blocks in
+    the ``cache`` are read back, the others computed, each written to the cache as soon as it is complete."""
+    if cache is None and not ctx.distributed:
+        skipped: list = []
+        parts = []
+        for _, part, n in score(readable_jobs(images, labels, skipped)):
+            parts.append({**part, "skipped": []})
+            bar.update(n)
+        return parts + [{"skipped": skipped}]
+    shard = split_source(images, ctx, block=batch_size)
+    if shard.stop is None:
+        raise InvalidArgumentError("images", images, "a folder, a list of images or paths or a datasets table "
+                                                     "(a source with a length) on several processes")
+    blocks = range(shard.start // batch_size, -(-shard.stop // batch_size) if shard.stop > shard.start else 0)
+    done = {b: part for b in blocks if cache is not None and (part := cache.get(b)) is not None}
+    for b in done:
+        bar.update(min(shard.stop, (b + 1) * batch_size) - b * batch_size)
+    for run in _runs(b for b in blocks if b not in done):
+        positions = range(run[0] * batch_size, min(shard.stop, (run[-1] + 1) * batch_size))
+        done.update(_computed_run(images, labels, ctx, positions, batch_size, cache, score, bar))
+    return [done[b] for b in blocks]
+
+
+def _computed_run(images: Any, labels: Sequence[str | None] | None, ctx: Context, positions: range,
+                  batch_size: int, cache: "_BlockCache | None", score: Callable[[Iterator], Iterator],
+                  bar: ManualBar) -> Iterator[tuple[int, dict]]:
+    """``(block, part)`` of the blocks of ``positions`` (whole blocks), computed by ``score`` (see
+    :func:`_block_parts`) and written to ``cache`` one by one, as each completes."""
+    skipped: collections.deque = collections.deque()
+    todo = collections.deque(range(positions.start // batch_size, -(-positions.stop // batch_size)))
+
+    def finish(block: int, part: dict) -> tuple[int, dict]:
+        end = min(positions.stop, (block + 1) * batch_size)  # every position before `end` has been read
+        part["skipped"] = []
+        while skipped and skipped[0][0] < end:
+            part["skipped"].append(skipped.popleft()[1:])
+        if cache is not None:
+            cache.put(block, part)
+        bar.update(end - block * batch_size)
+        return block, part
+
+    for block, part, _ in score(_range_jobs(images, labels, ctx, positions, skipped)):
+        while todo[0] < block:  # blocks without a readable image
+            yield finish(todo.popleft(), {})
+        yield finish(todo.popleft(), part)
+    while todo:
+        yield finish(todo.popleft(), {})
+
+
+def _joined(parts: list[dict], name: str) -> list:
+    """The lists called ``name`` in ``parts``, concatenated."""
+    return [x for part in parts for x in part.get(name, ())]
+
+
+PART_VERSION = 2
+
+
+class _UnstableDigest(ValueError):
+    """A value known only by its default ``repr``, which holds its address (different in every process)."""
+
+
+def _digest(value: Any) -> str:
+    """A hash of ``value``'s content, the same in every process: tensors and arrays by their bytes, PIL
+    images by their pixels, modules by their class, public attributes and ``state_dict``, dataclasses field by
+    field, containers item by item, functions by module, name, code (bytecode, constants, names used),
+    defaults and closure, bound methods by their function and object, ``functools.partial`` by function,
+    arguments and keywords, other objects by their attributes (``vars``), anything else (numbers, strings,
+    ...) by ``repr``. An object met again (a cycle) counts by its type alone. Raises :class:`_UnstableDigest`
+    for a value whose ``repr`` holds its address (``<... at 0x...>``): its hash would differ per process.
+    The globals a function reads are not part of its hash."""
+    h = hashlib.sha256()
+    seen: dict[int, Any] = {}  # holds what it saw, so that no id is reused by a later temporary
+
+    def add(x: Any) -> None:
+        h.update(type(x).__qualname__.encode() + b"\0")
+        if id(x) in seen:
+            return
+        if not isinstance(x, (str, bytes, int, float, bool, type(None))):
+            seen[id(x)] = x
+        for kind, parts in _DIGEST_RULES:
+            if isinstance(x, kind):
+                parts(x, add, h)
+                break
+        else:
+            _add_other(x, add, h)
+        h.update(b"\0")
+
+    add(value)
+    return h.hexdigest()[:32]
+
+
+def _add_tensor(x: torch.Tensor, add, h) -> None:
+    x = x.detach().cpu().contiguous()
+    h.update(f"{x.dtype}{tuple(x.shape)}".encode() + x.flatten().view(torch.uint8).numpy().tobytes())
+
+
+def _add_items(items: Iterable, add, h) -> None:
+    for v in items:
+        add(v)
+    h.update(b"]")
+
+
+def _add_other(x: Any, add, h) -> None:
+    """The rules of :func:`_digest` after the ones by type (:data:`_DIGEST_RULES`)."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        for f in dataclasses.fields(x):
+            add(f.name)
+            add(getattr(x, f.name))
+    elif isinstance(x, Mapping):
+        for k in sorted(x, key=repr):
+            add(k)
+            add(x[k])
+    elif hasattr(x, "__code__"):
+        add((x.__module__, x.__qualname__, x.__code__, x.__defaults__, x.__kwdefaults__,
+             [c.cell_contents for c in x.__closure__ or ()]))
+    elif hasattr(x, "__dict__") and not isinstance(x, type):
+        add(vars(x))
+    else:
+        text = repr(x)
+        if " at 0x" in text:
+            raise _UnstableDigest(text)
+        h.update(text.encode())
+
+
+_DIGEST_RULES: tuple[tuple[type, Callable], ...] = (
+    (torch.Tensor, _add_tensor),
+    (np.ndarray, lambda x, add, h: h.update(f"{x.dtype}{x.shape}".encode() + np.ascontiguousarray(x).tobytes())),
+    (Image.Image, lambda x, add, h: add((x.mode, x.size, np.asarray(x)))),
+    (torch.nn.Module, lambda x, add, h: add((type(x).__module__, {k: v for k, v in vars(x).items()
+                                                                  if not k.startswith("_")}, x.state_dict()))),
+    (functools.partial, lambda x, add, h: add((x.func, x.args, x.keywords))),
+    (types.MethodType, lambda x, add, h: add((x.__func__, x.__self__))),
+    (types.CodeType, lambda x, add, h: add((x.co_code, x.co_consts, x.co_names))),
+    ((list, tuple), lambda x, add, h: _add_items(x, add, h)),
+    ((set, frozenset), lambda x, add, h: _add_items(sorted(x, key=repr), add, h)),
+)
+
+
+def edits_in_force(model) -> bool:
+    """Whether an ablation, edit or steering (``model.ablate`` / ``edit`` / ``steer``) is in force on ``model``:
+    :attr:`ClipModel.id` does not describe them, so results cached under the id would be another model's.
+    A black-box model has none."""
+    return bool(getattr(model, "edits_in_force", False))  # a black box raises an AttributeError: it has none
+
+
+@dataclass
+class _BlockCache:
+    """Results of one setting on disk, one JSON file per block of ``batch_size`` input positions:
+    ``FOLDER/<kind>_<key>.json``, ``key`` a :func:`_digest` of the setting, the source's fingerprint, the
+    defence and the block's index. No rank or world size is in the key: any run of the same setting, on any
+    number of processes, reuses every block written by any rank."""
+
+    folder: Path
+    prefix: str
+    key: str = ""
+
+    @classmethod
+    def open(cls, cache_dir: str | os.PathLike | None, images: Any, model, defence: Defence) -> "_BlockCache | None":
+        """The cache in ``cache_dir`` (created if needed), ``None`` without one. Call before ``defence.context``
+        (an ablation defence is an edit). :class:`~clipscope.validate.InvalidArgumentError` for a source without
+        a fingerprint (a stream), while ``model`` has edits in force (:func:`edits_in_force`), or for a
+        defence known only by addresses (``defence``)."""
+        if cache_dir is None:
+            return None
+        if edits_in_force(model):
+            raise InvalidArgumentError("cache_dir", cache_dir, "None while model.ablate / edit / steer is in force: "
+                                       "the cache key (model.id) does not describe the edits, so results of the "
+                                       "unedited model would be read back (use a defence for the edit instead)")
+        fingerprint = source_fingerprint(images)
+        if fingerprint is None:
+            raise InvalidArgumentError("cache_dir", cache_dir, "None for images without a fingerprint (a stream); "
+                                                               "a cache needs a folder, list, tensor or table")
+        try:
+            described = _digest(defence)
+        except _UnstableDigest as exc:
+            raise InvalidArgumentError("defence", defence.describe(), f"a defence with a stable description, or no "
+                                       f"cache_dir: part of it ({str(exc)[:80]}) is known only by its address, "
+                                       "which differs in every process") from None
+        return cls(ensure_folder(cache_dir), _digest((PART_VERSION, fingerprint, described)))
+
+    def keyed(self, kind: str, setting: tuple) -> "_BlockCache":
+        """This cache for results of ``kind`` (``clean``, ``evaluate``) under ``setting`` (all that decides them
+        besides the images and the defence); :class:`~clipscope.validate.InvalidArgumentError` (``cache_dir``)
+        for a setting known only by addresses."""
+        try:
+            key = _digest((self.prefix, setting))
+        except _UnstableDigest as exc:
+            raise InvalidArgumentError("cache_dir", str(self.folder), f"None: part of the setting ({str(exc)[:80]}) "
+                                       "is known only by its address, which differs in every process") from None
+        return _BlockCache(self.folder, self.prefix, f"{kind}_{key}")
+
+    def _path(self, block: int) -> Path:
+        return self.folder / f"{self.key[:self.key.index('_') + 1]}{_digest((self.key, block))}.json"
+
+    def get(self, block: int) -> dict | None:
+        """The stored part of ``block``, or ``None`` (missing or unreadable)."""
+        try:
+            part = json.loads(self._path(block).read_text())
+        except Exception:  # noqa: BLE001 - a missing or damaged file (any read error) is recomputed, never trusted
+            return None
+        part["skipped"] = [tuple(s) for s in part["skipped"]]
+        if "probs" in part:
+            part["probs"] = torch.tensor(part["probs"], dtype=torch.float32)
+        return part
+
+    def put(self, block: int, part: dict) -> None:
+        """Write ``block``'s part (lists, numbers, strings, float32 tensors) atomically."""
+        write_text_atomic(self._path(block), json.dumps(part, default=lambda o: o.tolist()))
+
+
 def check_attack_data(images: Any, labels: Iterable[str | None], classes: Sequence[str],
                       attack: Attack) -> tuple[list[str], list[str | None]]:
     """Return ``(classes, labels)`` as lists if they fit ``images`` and ``attack``; else raise
@@ -183,7 +466,9 @@ class _Scorer:
     """A defence's zero-shot head, scoring images and mapping the scores back onto the original classes.
 
     ``class_map[j]`` is the original class that the head's class ``j`` scores for (``None``: none);
-    ``columns`` holds, for the head's classes that score for one, ``(j, index of that class in classes)``.
+    ``columns`` holds, for the head's classes that score for one, ``(j, index of that class in classes)``;
+    ``model_id`` is the model's id inside the defence's context (a defence may change it: an SAE attached,
+    embeddings transformed).
     """
 
     model: Any
@@ -191,6 +476,7 @@ class _Scorer:
     classes: list[str]
     class_map: list[str | None]
     head: ZeroShotClassifier | EndpointHead
+    model_id: str
     columns: list[tuple[int, int]] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -202,7 +488,8 @@ class _Scorer:
         """Build the head; call inside ``defence.context(model)`` so that a text-tower ablation counts."""
         score_classes, class_map = defence.classes(classes)
         make_head = model.zero_shot_head if is_black_box(model) else model.classifier  # a black box scores images
-        return cls(model, defence, classes, class_map, make_head(score_classes, defence.templates(templates)))
+        return cls(model, defence, classes, class_map, make_head(score_classes, defence.templates(templates)),
+                   model.id)
 
     def prepare(self, image) -> torch.Tensor:
         """The model's input tensor for one image under the defence (thread-safe)."""
@@ -231,7 +518,7 @@ class _Scorer:
         if not isinstance(clean, CleanScores):
             raise InvalidArgumentError("clean", clean, "CleanScores from clean_scores(...), or None")
         want = {"classes": tuple(self.classes), "scored": self.head.classes, "templates": self.head.templates,
-                "model": self.model.id, "defence": self.defence.describe()}
+                "model": self.model_id, "defence": self.defence.describe()}
         for name, value in want.items():
             if getattr(clean, name) != value:
                 raise InvalidArgumentError(f"clean.{name}", getattr(clean, name),
@@ -239,46 +526,60 @@ class _Scorer:
                                            "same model, classes, templates and defence)")
 
 
-def _bar(total: int | None, batch_size: int, progress: bool | None, desc: str) -> ManualBar:
-    """The bar of one pass over ``total`` images; by default shown when they fill more than one batch."""
-    return manual_bar(progress, (total or 0) > batch_size, desc, total=total)
+def _bar(ctx: Context, total: int | None, batch_size: int, progress: bool | None, desc: str) -> ManualBar:
+    """The bar of one pass over ``total`` images (on rank 0 only, counting every rank's); by default shown
+    when they fill more than one batch."""
+    return main_bar(ctx, progress, (total or 0) > batch_size, desc, total=total)
 
 
 def clean_scores(model, images: Any, classes: Sequence[str], *, defence: Defence | None = None,
                  templates: str | Sequence[str] | None = None, batch_size: int = 32,
-                 progress: bool | None = None) -> CleanScores:
+                 progress: bool | None = None, distributed: bool | None = None,
+                 cache_dir: str | os.PathLike | None = None) -> CleanScores:
     """Zero-shot scores of the clean ``images`` among ``classes`` under ``defence``; returns :class:`CleanScores`.
 
     ``images`` is any source :func:`clipscope.data.iter_images` reads; unreadable images are
     skipped and listed in the result. Pass the result to :func:`evaluate` as ``clean`` (with the
     same model, classes, templates and defence) to score several attacks on the same images
-    while encoding the clean images once.
+    while encoding the clean images once. ``distributed`` (default: detect a launcher): each rank
+    scores its range of the images and every rank gets all the scores (see the module docstring).
+    ``cache_dir``: as for :func:`evaluate`, per block of ``batch_size`` positions.
     """
     classes = check_names("classes", classes)
     defence = _check_defence(defence)
     batch_size = check_int("batch_size", batch_size, low=1)
     if source_length(images) == 0:
         raise InvalidArgumentError("images", images, "at least one image")
-    skipped: list = []
-    indices, keys, probs, predictions = [], [], [], []
-    with defence.context(model), _bar(source_length(images), batch_size, progress, "clean scores") as bar:
+    ctx = context(distributed)
+    cache = _BlockCache.open(cache_dir, images, model, defence)
+    with defence.context(model), _bar(ctx, source_length(images), batch_size, progress, "clean scores") as bar:
         scorer = _Scorer.make(model, defence, classes, templates)
-        for batch in prefetch(batched(readable_jobs(images, None, skipped), batch_size)):
-            p, names = scorer.scores([image for _, _, image, _ in batch])
-            indices += [index for index, _, _, _ in batch]
-            keys += [key for _, key, _, _ in batch]
-            probs.append(p)
-            predictions += names
-            bar.update(len(batch))
-    return CleanScores(tuple(classes), scorer.head.classes, scorer.head.templates, model.id, defence.describe(),
-                       indices, keys, torch.cat(probs) if probs else torch.zeros(0, len(classes)), predictions,
-                       skipped)
+        blocks = None if cache is None else cache.keyed("clean", (scorer.model_id, classes, scorer.head.classes,
+                                                                  scorer.head.templates, batch_size))
+        parts = _block_parts(images, None, ctx, batch_size, blocks, functools.partial(_clean_batches, scorer,
+                                                                                       batch_size), bar)
+    parts = [part for rank in gather_objects(parts, ctx) for part in rank]  # in rank order: the input's order
+    probs = [part["probs"] for part in parts if "probs" in part]
+    return CleanScores(tuple(classes), scorer.head.classes, scorer.head.templates, scorer.model_id,
+                       defence.describe(), _joined(parts, "indices"), _joined(parts, "keys"),
+                       torch.cat(probs) if probs else torch.zeros(0, len(classes)), _joined(parts, "predictions"),
+                       _joined(parts, "skipped"))
+
+
+def _clean_batches(scorer: _Scorer, batch_size: int, jobs: Iterable[tuple]) -> Iterator[tuple[int, dict, int]]:
+    """``(block, part, n)`` per batch of ``jobs`` (see :func:`_block_parts`): the part holds the batch's
+    ``indices``, ``keys``, ``probs`` (n, classes) and ``predictions``."""
+    for batch in prefetch(_position_batches(jobs, batch_size, lambda job: job[0])):
+        probs, names = scorer.scores([image for _, _, image, _ in batch])
+        yield batch[0][0] // batch_size, {"indices": [job[0] for job in batch], "keys": [job[1] for job in batch],
+                                          "probs": probs, "predictions": names}, len(batch)
 
 
 def evaluate(model, images: Any, labels: Sequence[str | None], classes: Sequence[str], attack: Attack, *,
              defence: Defence | None = None, templates: str | Sequence[str] | None = None, batch_size: int = 32,
              seed: int = 0, progress: bool | None = None, n_examples: int = 8, workers: int | None = None,
-             clean: CleanScores | None = None) -> AttackResult:
+             clean: CleanScores | None = None, distributed: bool | None = None,
+             cache_dir: str | os.PathLike | None = None) -> AttackResult:
     """Attack ``images`` and compare zero-shot predictions before and after; returns an :class:`AttackResult`.
 
     ``labels`` are the true class names (or ``None`` where unknown) in the order of
@@ -288,9 +589,21 @@ def evaluate(model, images: Any, labels: Sequence[str | None], classes: Sequence
     cores), else :func:`~clipscope.data.default_workers`. With more than one worker the
     workers also preprocess the images, so that a GPU does not wait for Pillow (on a CPU
     model that competes with the model for the cores). Results do not depend on ``workers``.
+    A batch holds the readable images among ``batch_size`` consecutive input positions, so a
+    batch next to unreadable files is smaller than ``batch_size``.
     ``clean``: the clean images' scores from :func:`clean_scores` (same model, classes,
     templates and defence, else :class:`~clipscope.validate.InvalidArgumentError`); images
     it holds are not encoded clean again, others are. The result is the same with or without it.
+
+    ``distributed`` (default: detect a launcher): each rank attacks its range of the images (a
+    folder, list, tensor or table) and every rank returns the merged result, equal to one process's
+    (see the module docstring). ``cache_dir``: the rows of every block of ``batch_size`` positions are
+    written there as the block completes (atomically, under a key of everything that decides them: images,
+    model id, defence, attack, classes, templates, labels, seed, batch size; not the rank or the number of
+    processes), and a rerun of the same setting reads the blocks it finds: after a killed rank only the
+    unfinished blocks are computed, also when relaunched on another number of processes. Refused
+    (:class:`~clipscope.validate.InvalidArgumentError`) for a stream, while ``model.ablate`` / ``edit`` /
+    ``steer`` is in force (the model id does not describe them) and for a defence known only by addresses.
     """
     classes, labels = check_attack_data(images, labels, classes, attack)
     defence = _check_defence(defence)
@@ -299,20 +612,37 @@ def evaluate(model, images: Any, labels: Sequence[str | None], classes: Sequence
     n_examples = check_int("n_examples", n_examples, low=0)
     if workers is not None:
         workers = check_int("workers", workers, low=1)
-    skipped: list = []
-    rows, examples = [], []
-    with defence.context(model), _bar(source_length(images), batch_size, progress, "typographic attack") as bar:
+    ctx = context(distributed)
+    cache = _BlockCache.open(cache_dir, images, model, defence)
+    examples: list[AttackedImage] = []
+    with defence.context(model), _bar(ctx, source_length(images), batch_size, progress, "typographic attack") as bar:
         scorer = _Scorer.make(model, defence, classes, templates)
         scorer.check(clean)
-        render = functools.partial(attack_job, attack, classes, seed)
-        jobs = readable_jobs(images, labels, skipped)
-        for chunk, clean_scored, attacked_scored in _scored_batches(scorer, render, jobs, batch_size, workers, clean):
-            rows += [_row(it, classes, clean_scored, attacked_scored, i) for i, it in enumerate(chunk)]
-            examples += chunk[:max(0, n_examples - len(examples))]
-            bar.update(len(chunk))
-    frame = _frame(rows)
+        blocks = None if cache is None else cache.keyed("evaluate", (
+            scorer.model_id, labels, classes, scorer.head.classes, scorer.head.templates, attack, seed, batch_size))
+        render = functools.partial(attack_job, attack, scorer.classes, seed)
+        score = functools.partial(_attack_batches, scorer, render, (batch_size, workers), clean,
+                                  (examples, n_examples))
+        parts = _block_parts(images, labels, ctx, batch_size, blocks, score, bar)
+    parts = [part for rank in gather_objects(parts, ctx) for part in rank]  # in rank order: the input's order
+    if cache is not None or ctx.distributed:  # the first images were maybe read from the cache or by another rank
+        examples = [render(job) for job in itertools.islice(readable_jobs(images, labels, None), n_examples)]
+    frame, skipped = _frame(_joined(parts, "rows")), _joined(parts, "skipped")
     return AttackResult(frame, _metrics(frame, skipped), classes, attack.describe(), defence.describe(), examples,
                         skipped)
+
+
+def _attack_batches(scorer: _Scorer, render, sizes: tuple[int, int | None], clean: CleanScores | None,
+                    examples: tuple[list[AttackedImage], int], jobs: Iterable[tuple]) -> Iterator[tuple[int, dict, int]]:
+    """``(block, part, n)`` per batch of ``jobs`` (see :func:`_block_parts`), the part holding the batch's
+    ``rows``; ``sizes`` is ``(batch_size, workers)``; the first attacked images go to ``examples``, a
+    ``(list, how many)``."""
+    (batch_size, workers), (kept, n_examples) = sizes, examples
+    for chunk, clean_scored, attacked_scored in _scored_batches(scorer, render, jobs, batch_size, workers, clean):
+        kept += chunk[:max(0, n_examples - len(kept))]
+        rows = [_row(it, scorer.classes, clean_scored, attacked_scored, i) for i, it in enumerate(chunk)]
+        yield chunk[0].index // batch_size, {"rows": rows}, len(chunk)
+
 
 
 def _scored_batches(scorer: _Scorer, render, jobs: Iterable[tuple], batch_size: int, workers: int | None,
@@ -329,7 +659,8 @@ def _scored_batches(scorer: _Scorer, render, jobs: Iterable[tuple], batch_size: 
         known = clean is not None and clean.get(item.index) is not None
         return item, None if known else scorer.prepare(item.clean), scorer.prepare(item.attacked)
 
-    for prepared in prefetch(batched(ordered_map(job, jobs, n_workers), batch_size)):
+    items = ordered_map(job, jobs, n_workers)
+    for prepared in prefetch(_position_batches(items, batch_size, lambda p: p[0].index)):
         chunk = [it for it, _, _ in prepared]
         known = [clean.get(it.index) for it in chunk] if clean is not None else [None]
         if all(k is not None for k in known):
@@ -479,12 +810,15 @@ class SweepResult:
 def sweep(model, images: Any, labels: Sequence[str | None], classes: Sequence[str], attack: Attack,
           vary: dict[str, Sequence[Any]], *, defence: Defence | None = None,
           templates: str | Sequence[str] | None = None, batch_size: int = 32, seed: int = 0,
-          progress: bool | None = None) -> SweepResult:
+          progress: bool | None = None, distributed: bool | None = None,
+          cache_dir: str | os.PathLike | None = None) -> SweepResult:
     """Evaluate ``attack`` with one or two parameters varied over the given values; returns a :class:`SweepResult`.
 
     Parameters are :data:`SWEEPABLE` (text style fields, ``position``, and
     ``word``: the text written). ``images`` must be re-iterable (a list, folder or
     data set). Clean predictions are computed once (:func:`clean_scores`) and shared by every setting.
+    ``distributed`` and ``cache_dir`` as for :func:`evaluate` (every rank returns the whole sweep; the clean
+    scores are cached too).
     """
     import itertools
 
@@ -495,15 +829,16 @@ def sweep(model, images: Any, labels: Sequence[str | None], classes: Sequence[st
         raise TypeError("sweep needs re-iterable images (a list, folder or data set), not a one-shot iterator")
     check_attack_data(images, labels, classes, attack)
     params = list(vary)
+    ctx = context(distributed)
     clean = clean_scores(model, images, classes, defence=defence, templates=templates, batch_size=batch_size,
-                         progress=False)
+                         progress=False, distributed=ctx.distributed, cache_dir=cache_dir)
     rows, results = [], []
     combos = list(itertools.product(*vary.values()))
-    for combo in progress_bar(combos, progress, True, "sweep", total=len(combos)):
+    for combo in progress_bar(combos, progress if ctx.is_main else False, True, "sweep", total=len(combos)):
         values = dict(zip(params, combo))
         result = evaluate(model, images, labels, classes, _vary(attack, classes, **dict(values)), defence=defence,
                           templates=templates, batch_size=batch_size, seed=seed, progress=False, n_examples=2,
-                          clean=clean)
+                          clean=clean, distributed=ctx.distributed, cache_dir=cache_dir)
         results.append(result)
         rows.append({**values, **{k: result.metrics[k] for k in ("n", *METRICS)}})
     return SweepResult(pd.DataFrame(rows), params, results)

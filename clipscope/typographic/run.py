@@ -14,6 +14,8 @@ Configuration keys (YAML or flags; flags win)::
     ablation_units: 8              # how many text units the ablation defence zeroes
     seed: 0
     out: attack-report
+    cache_dir: null            # per-block results of evaluate / sweep (default: OUT/cache): a rerun or a
+                               # relaunch after a killed rank computes only what is not there yet
 
 Every key is checked (:func:`check_config`) before the model loads, the sweep before any image is
 encoded. Unreadable images are skipped and listed with their reasons in the report and in
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import list_image_files
+from ..distributed import Context, context
 from ..io import check_writable, figure_png, write_text_atomic
 from ..pages import esc, page, png_uri
 from ..validate import InvalidArgumentError, check_choice, check_int, check_names
@@ -117,10 +120,12 @@ CONFIG_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "ablation_units": lambda p, v: check_int(p, v, low=1),
     "seed": lambda p, v: check_int(p, v),
     "out": lambda p, v: _text(p, os.fspath(v) if isinstance(v, os.PathLike) else v),
+    "cache_dir": _optional(lambda p, v: _text(p, os.fspath(v) if isinstance(v, os.PathLike) else v)),
 }
 CONFIG_DEFAULTS: dict[str, Any] = {"model": "organism", "pretrained": None, "classes": None, "templates": None,
                                    "attack": None, "sweep": None, "defences": None, "ablation_site": None,
-                                   "ablation_units": ABLATION_UNITS, "seed": 0, "out": "attack-report"}
+                                   "ablation_units": ABLATION_UNITS, "seed": 0, "out": "attack-report",
+                                   "cache_dir": None}
 
 
 def checked_settings(config: Any, checks: Mapping[str, Callable[[str, Any], Any]], defaults: Mapping[str, Any],
@@ -150,25 +155,38 @@ def _img(png: bytes) -> str:
     return f'<img src="{png_uri(png)}">'
 
 
-def run_attack_config(config: dict[str, Any], *, progress: bool | None = None, model=None) -> Path:
+def run_attack_config(config: dict[str, Any], *, progress: bool | None = None, model=None,
+                      distributed: bool | None = None) -> Path | None:
     """Run the attack described by ``config`` and write the report; returns the path of ``index.html``.
 
     ``model``: an already loaded :class:`~clipscope.ClipModel` to use instead of loading
-    ``config["model"]``.
+    ``config["model"]``. ``distributed`` (default: detect a launcher such as ``torchrun``): the ranks
+    share the images of an image folder (:func:`~clipscope.typographic.evaluate`, :func:`sweep`) and
+    rank 0 alone writes the report (a public set is evaluated by rank 0 alone); the other ranks
+    write nothing but their cache blocks and return ``None``. The results of every block of images go to
+    ``config["cache_dir"]`` (default ``OUT/cache``, created by each rank that needs it) as the block
+    completes, so a relaunch after a killed rank computes only the blocks not done.
     """
     import pandas as pd
 
     import clipscope
     cfg = check_config(config)
     data, fmt = cfg["data"], cfg["data"]["format"]
-    out = check_writable(cfg["out"])  # before the model loads and any image is attacked
+    ctx = context(distributed)
+    out = check_writable(cfg["out"]) if ctx.is_main else None  # before the model loads and any image is attacked
     attack = build_attack(cfg["attack"] or {})
+    if fmt != "imagefolder" and not ctx.is_main:
+        return None
     if model is None:
-        model = clipscope.load(cfg["model"], pretrained=cfg["pretrained"])
+        device = str(ctx.device) if ctx.distributed else "auto"
+        model = clipscope.load(cfg["model"], pretrained=cfg["pretrained"], device=device)
     if fmt != "imagefolder":
         sections, tables = _public_set(model, cfg, out, progress)
     else:
-        sections, tables = _imagefolder(model, cfg, attack, out, progress)
+        results, swept, skipped = _attack_folder(model, cfg, attack, progress, ctx)
+        if not ctx.is_main:
+            return None
+        sections, tables = _folder_report(results, swept, skipped, out)
     summary = pd.concat(tables, ignore_index=True)
     write_text_atomic(out / "summary.csv", summary.to_csv(index=False))
     body = f"<p>model: {esc(repr(model))}<br>data: {esc(data['path'])} ({esc(fmt)})</p>{''.join(sections)}"
@@ -190,28 +208,37 @@ def _public_set(model, cfg: dict[str, Any], out: Path, progress: bool | None) ->
     return [section], [table]
 
 
-def _imagefolder(model, cfg: dict[str, Any], attack: Attack, out: Path,
-                 progress: bool | None) -> tuple[list[str], list]:
-    """Attack an image folder under every defence (and sweep); returns the report sections and summary tables."""
+def _attack_folder(model, cfg: dict[str, Any], attack: Attack, progress: bool | None,
+                   ctx: Context) -> tuple[list[tuple[Defence, Any]], SweepResult | None, list]:
+    """Attack an image folder under every defence (and sweep), the ranks sharing the images; returns
+    ``[(defence, AttackResult)]``, the sweep (or ``None``) and the skipped images, on every rank."""
     images, labels = imagefolder(cfg["data"]["path"])
     classes, labels = check_attack_data(images, labels, cfg["classes"] or sorted(set(labels)), attack)
     vary = check_vary(attack, classes, cfg["sweep"]) if cfg["sweep"] else None
     defences = [Defence()] + [_defence(model, name, cfg, images, classes) for name in cfg["defences"] or []]
-    sections, tables, skipped = [], [], []
-    seed, templates = cfg["seed"], cfg["templates"]
-    for defence in defences:
-        result = evaluate(model, images, labels, classes, attack, defence=defence, templates=templates,
-                          seed=seed, progress=progress)
-        skipped = result.skipped
+    seed, templates, dist = cfg["seed"], cfg["templates"], ctx.distributed
+    cache = cfg["cache_dir"] or Path(cfg["out"]) / "cache"
+    results = [(defence, evaluate(model, images, labels, classes, attack, defence=defence, templates=templates,
+                                  seed=seed, progress=progress, distributed=dist, cache_dir=cache))
+               for defence in defences]
+    swept = sweep(model, images, labels, classes, attack, vary, templates=templates, seed=seed, progress=progress,
+                  distributed=dist, cache_dir=cache) if vary else None
+    return results, swept, results[-1][1].skipped
+
+
+def _folder_report(results: list[tuple[Defence, Any]], swept: SweepResult | None, skipped: list,
+                   out: Path) -> tuple[list[str], list]:
+    """Write the per-image and sweep CSVs of an image folder's attack; returns the report sections and the
+    summary tables."""
+    sections, tables = [], []
+    for defence, result in results:
         tables.append(result.summary())
         sections.append(f"<h2>{esc(result.defence)}</h2>{result._repr_html_()}{_img(figure_png(result.plot()))}"
                         f"<h3>Per class</h3>{result.per_class().to_html(float_format='{:.3f}'.format)}")
         write_text_atomic(out / f"images_{defence.name}.csv", result.frame.to_csv(index=False))
-    if vary:
-        result: SweepResult = sweep(model, images, labels, classes, attack, vary, templates=templates,
-                                    seed=seed, progress=progress)
-        write_text_atomic(out / "sweep.csv", result.frame.to_csv(index=False))
-        sections.append(f"<h2>Sweep</h2>{_img(figure_png(result.plot()))}{result._repr_html_()}")
+    if swept is not None:
+        write_text_atomic(out / "sweep.csv", swept.frame.to_csv(index=False))
+        sections.append(f"<h2>Sweep</h2>{_img(figure_png(swept.plot()))}{swept._repr_html_()}")
     sections.append(_skipped_html(skipped, "image(s)"))
     _write_skipped(out, skipped)
     return sections, tables
