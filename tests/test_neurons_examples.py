@@ -11,6 +11,7 @@ import torch
 from clipscope.hooks import feature_last
 from clipscope.neurons import dataset_examples
 from clipscope.organism import COLOURS
+from clipscope.validate import InvalidArgumentError
 
 from .conftest import make_images
 
@@ -296,3 +297,13 @@ def test_preprocessed_tensors_give_the_same_examples_and_resume(organism, scenes
     result = dataset_examples(organism, small, "visual.layer4", **kw)
     assert result.n_seen == 0 and result.n_skipped == 4
     assert "pass PIL images" in result.skipped[0][1]
+
+
+def test_no_examples_are_cached_while_the_model_is_edited(organism, scenes, tmp_path):
+    # the model id does not describe an edit: examples cached under it would be served for the plain model
+    images = [s.image for s in scenes[:4]]
+    with organism.edit("visual.layer4", lambda a: a * 0):
+        with pytest.raises(InvalidArgumentError, match="cache_dir"):
+            dataset_examples(organism, images, "visual.layer4", k=2, cache_dir=tmp_path, progress=False)
+        assert dataset_examples(organism, images, "visual.layer4", k=2, progress=False).n_seen == 4
+    assert not any(tmp_path.iterdir())

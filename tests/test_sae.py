@@ -225,6 +225,28 @@ def exact_sae(site: str, d: int) -> SparseAutoencoder:
     return sae
 
 
+
+def test_a_save_interrupted_between_its_two_files_is_refused(tmp_path):
+    import json
+    import shutil
+    old = exact_sae("visual.layer3", 16)
+    old.save(tmp_path)
+    new = SparseAutoencoder("visual.layer3", 16, 16, activation="topk", k=4, input_scale=2.0)
+    new.save(tmp_path / "next")
+    shutil.copyfile(tmp_path / "next" / "sae.safetensors", tmp_path / "sae.safetensors")   # killed before sae.json
+    with pytest.raises(InvalidArgumentError, match="interrupted"):
+        SparseAutoencoder.load(tmp_path)
+    assert json.loads((tmp_path / "next" / "sae.json").read_text())["k"] == 4
+    assert SparseAutoencoder.load(tmp_path / "next").k == 4                       # a whole pair loads
+
+
+def test_no_activation_buffer_is_written_while_the_model_is_edited(organism, scenes, tmp_path):
+    # the model id does not describe an edit: rows buffered under it would be reused for the plain model
+    with organism.edit("visual.layer3", lambda a: a * 0):
+        with pytest.raises(InvalidArgumentError, match="buffer_dir"):
+            train_sae(organism, scenes[:8], "visual.layer3", n_features=16, k=2, buffer_dir=tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())
+
 def test_downstream_accuracy_with_exact_and_zeroed_reconstructions(organism, labelled):
     images, labels = labelled
     kwargs = dict(labels=labels, classes=list(SHAPES), templates=list(ZERO_SHOT_TEMPLATES), progress=False)

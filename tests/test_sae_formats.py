@@ -88,9 +88,11 @@ def test_saev_converted_round_trip(tmp_path, activation):
     (tmp_path / "sae.json").write_text(json.dumps(header))
     save_file(t, str(tmp_path / "sae.safetensors"))
     site = "visual.transformer.resblocks.1.resid_post"
-    sae = load_sae(tmp_path / "sae.json", site=site)
+    sae = load_sae(tmp_path / "sae.json", site=site)          # saev's forward: relu((x - b_dec) W_enc + b_enc)
     assert sae.site == site
-    check_same_maps(sae, t, subtract_b_dec=False, k=activation["params"].get("top_k"))
+    check_same_maps(sae, t, subtract_b_dec=True, k=activation["params"].get("top_k"))
+    latest = load_sae(tmp_path / "sae.json", site=site, saev_subtract_b_dec=False)   # its latest encode reads x
+    check_same_maps(latest, t, subtract_b_dec=False, k=activation["params"].get("top_k"))
     with pytest.raises(InvalidArgumentError, match="pass site="):
         load_sae(tmp_path / "sae.json")
 

@@ -45,6 +45,7 @@ from ..distributed import Context, Shard, barrier, context, gather_objects, main
 from ..hooks import feature_last, site_names
 from ..io import write_bytes_atomic
 from ..progress import ManualBar, manual_bar
+from ..validate import InvalidArgumentError
 
 CACHE_VERSION = 1
 
@@ -530,9 +531,14 @@ def _image_sites(model, sites: str | Iterable[str]) -> list[str]:
 
 def _cache_paths(model, source: Any, names: list[str], chosen: dict[str, list[int] | None], k: int,
                  cache_dir: str | os.PathLike | None, fingerprint: str | None) -> dict[str, Path]:
-    """Where each site's running state is cached; returns ``{}`` without ``cache_dir`` or a fingerprint."""
+    """Where each site's running state is cached; returns ``{}`` without ``cache_dir`` or a fingerprint. Raises
+    :class:`~clipscope.validate.InvalidArgumentError` while an edit is in force on ``model``."""
     if cache_dir is None:
         return {}
+    if model.edits_in_force:
+        raise InvalidArgumentError("cache_dir", str(cache_dir), "None while model.ablate / edit / steer is in force: "
+                                   "the model id does not describe the edit, so the examples would be reused for "
+                                   "the plain model")
     fp = fingerprint or source_fingerprint(source)
     if fp is None:
         warnings.warn("cannot fingerprint this data source without consuming it (a stream); "

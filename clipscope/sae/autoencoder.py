@@ -151,13 +151,17 @@ class SparseAutoencoder(nn.Module):
     def save(self, folder: str | os.PathLike) -> Path:
         """Write ``sae.json`` and ``sae.safetensors`` into ``folder`` (created if missing), each atomically.
 
-        Returns the folder. Tensors are saved as float32 on the CPU, whatever the SAE's device and dtype.
+        Returns the folder. Tensors are saved as float32 on the CPU, whatever the SAE's device and dtype. The
+        weights file also carries the configuration, so that :meth:`load` tells a pair left by an interrupted
+        save (new weights beside an old ``sae.json``) from a whole one.
         """
         from safetensors.torch import save as safetensors_bytes
 
         folder = Path(folder)
         tensors = {name: getattr(self, name).detach().to("cpu", torch.float32).contiguous() for name in TENSOR_NAMES}
-        write_bytes_atomic(folder / WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": FORMAT}))
+        config = json.dumps(self.config(), sort_keys=True)
+        write_bytes_atomic(folder / WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": FORMAT,
+                                                                                      "config": config}))
         write_text_atomic(folder / CONFIG_NAME, json.dumps(self.config(), indent=2) + "\n")
         return folder
 
@@ -170,6 +174,11 @@ class SparseAutoencoder(nn.Module):
         """
         folder = Path(folder)
         config = read_config(folder)
+        saved_with = _weights_config(folder / WEIGHTS_NAME)
+        if saved_with is not None and saved_with != json.loads(json.dumps(config, sort_keys=True)):
+            raise InvalidArgumentError("folder", str(folder), f"{CONFIG_NAME} and {WEIGHTS_NAME} from the same save "
+                                                              "(they differ: a save was interrupted between them; "
+                                                              "save the SAE again)")
         sae = cls.from_config(config, where=folder)
         sae.load_tensors(read_tensors(folder / WEIGHTS_NAME, TENSOR_NAMES, parameter="folder"), where=folder)
         return sae
@@ -193,6 +202,18 @@ class SparseAutoencoder(nn.Module):
                 raise InvalidArgumentError("folder", where, f"{name} of shape {tuple(parameter.shape)} "
                                                              f"(found {tuple(value.shape)})")
             parameter.copy_(value.to(parameter.dtype))
+
+
+def _weights_config(path: Path) -> dict[str, Any] | None:
+    """The configuration :meth:`SparseAutoencoder.save` put in the weights file's metadata (None if absent or
+    unreadable: :func:`read_tensors` reports a bad file)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            text = (fh.metadata() or {}).get("config")
+    except Exception:  # a missing or malformed file: read_tensors raises the error that names it
+        return None
+    return None if text is None else json.loads(text)
 
 
 def read_config(folder: Path) -> dict[str, Any]:

@@ -172,7 +172,12 @@ class ActivationBuffer:
     def open(cls, model, source: Any, site: str, *, tokens: str, buffer_dir: str | os.PathLike,
              images_per_shard: int, fingerprint: str | None = None) -> "ActivationBuffer":
         """The buffer of ``site`` over ``source`` under ``buffer_dir`` (its sub-folder is a hash of the model id,
-        the data fingerprint, the site, ``tokens`` and ``images_per_shard``). Streams need ``fingerprint``."""
+        the data fingerprint, the site, ``tokens`` and ``images_per_shard``). Streams need ``fingerprint``; refused
+        while an edit is in force (:attr:`clipscope.ClipModel.edits_in_force`)."""
+        if getattr(model, "edits_in_force", False):
+            raise InvalidArgumentError("buffer_dir", str(buffer_dir), "None while model.ablate / edit / steer is in "
+                                       "force: the model id does not describe the edit, so its rows would be reused "
+                                       "for the plain model")
         fingerprint = fingerprint or source_fingerprint(source)
         if fingerprint is None:
             raise InvalidArgumentError("fingerprint", None, "a string naming the data set: this source is a stream "

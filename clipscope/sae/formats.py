@@ -13,8 +13,11 @@
 
 Library hook names map onto clipscope's names for open_clip ViTs (:data:`HOOK_SITES`); with ``model`` the
 mapping uses that model's blocks and the site's width is checked. Anything else needs ``site=``.
-Encoders that do not subtract ``b_dec`` before encoding (saev; SAELens with ``apply_b_dec_to_input=false``)
-are converted exactly by moving ``b_dec @ W_enc`` into ``b_enc``.
+Encoders that do not subtract ``b_dec`` before encoding (SAELens with ``apply_b_dec_to_input=false``; the
+``encode`` of saev's latest ``nn/modeling.py``, ``load_sae(..., saev_subtract_b_dec=False)``) are converted
+exactly by moving ``b_dec @ W_enc`` into ``b_enc``; saev's earlier releases encode ``x - b_dec`` (the default).
+saev trains on activations it may have rescaled (its data options): an SAE from such a run needs its inputs
+scaled the same way (``sae.input_scale``).
 """
 from __future__ import annotations
 
@@ -72,25 +75,30 @@ def site_for_hook(hook: str, model=None) -> str:
     return f"{blocks[layer]}.{suffix}"
 
 
-def load_sae(path: str | os.PathLike, site: str | None = None, *, model=None) -> SparseAutoencoder:
+def load_sae(path: str | os.PathLike, site: str | None = None, *, model=None,
+             saev_subtract_b_dec: bool = True) -> SparseAutoencoder:
     """Read an SAE from ``path`` (a folder, or a saev file) in any format this module knows; on the CPU, float32.
 
     ``site`` overrides the site derived from the file's hook name (required where the file names none or one
     clipscope cannot map). With ``model`` the site is checked to exist and to have the SAE's width.
     Only safetensors and JSON are read: pickles are refused with how to convert them.
+    ``saev_subtract_b_dec``: whether a saev SAE encodes ``x - b_dec`` (saev's ``forward`` in every release
+    with a ``forward`` that encodes, "as per Anthropic") or ``x`` (the ``encode`` method of its latest
+    ``nn/modeling.py``); set it to how the saev version that trained the file encodes.
     """
     path = Path(path)
     if not path.exists():
         raise InvalidArgumentError("path", str(path), "an existing local file or folder")
     if path.is_file():
-        sae = _load_saev_file(path, site)
+        sae = _load_saev_file(path, site, saev_subtract_b_dec)
     elif (path / CONFIG_NAME).is_file():
         sae = SparseAutoencoder.load(path)
         sae.site = site or sae.site
     elif _config_file(path) is not None:
         sae = _load_saelens(path, site, model)
     elif any(p.suffix == ".json" for p in path.iterdir()):
-        sae = _load_saev_file(next(p for p in sorted(path.iterdir()) if p.suffix == ".json"), site)
+        sae = _load_saev_file(next(p for p in sorted(path.iterdir()) if p.suffix == ".json"), site,
+                              saev_subtract_b_dec)
     else:
         raise InvalidArgumentError("path", str(path), "a folder holding an SAE: sae.json (clipscope), cfg.json or "
                                                       "config.json (SAELens, ViT-Prisma) or a saev header .json, "
@@ -151,7 +159,7 @@ def _load_saelens(folder: Path, site: str | None, model) -> SparseAutoencoder:
                   tokens, subtract_b_dec=cfg.get("apply_b_dec_to_input", True), where=folder)
 
 
-def _load_saev_file(path: Path, site: str | None) -> SparseAutoencoder:
+def _load_saev_file(path: Path, site: str | None, subtract_b_dec: bool) -> SparseAutoencoder:
     """saev: a JSON header (``.json``) beside its safetensors state dict; saev's own pickled file is refused."""
     if path.suffix != ".json":
         with open(path, "rb") as fd:
@@ -178,7 +186,8 @@ def _load_saev_file(path: Path, site: str | None) -> SparseAutoencoder:
         raise InvalidArgumentError("site", None, "a clipscope site name: saev files do not say which layer they "
                                                  "read; pass site= (e.g. 'visual.transformer.resblocks.10.resid_post')")
     tensors = read_tensors(path.with_suffix(".safetensors"), TENSORS, parameter="path")
-    return _build(tensors, site, "topk" if kind == "TopK" else "relu", k, "all", subtract_b_dec=False, where=path)
+    return _build(tensors, site, "topk" if kind == "TopK" else "relu", k, "all", subtract_b_dec=subtract_b_dec,
+                  where=path)
 
 
 def _build(tensors: dict[str, torch.Tensor], site: str, activation: str, k: int | None, tokens: str, *,
