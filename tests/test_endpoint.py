@@ -236,7 +236,9 @@ def test_when_one_request_fails_for_good_the_others_stop_retrying(fake, tmp_path
     with pytest.raises(EndpointAuthError):
         model.zero_shot(IMAGES[:2], LABELS)
     assert time.monotonic() - start < 2.0  # measured 0.3 s (2026-12-02); without the cancel, 4.8 s
-    assert len(server.requests) == 2
+    # the 500 is never retried: its request is sent once, or not at all when the 401 comes back before it
+    # leaves (a race under load: seen once in CI); without the cancel it would be sent 1 + 3 retries times
+    assert 1 <= len(server.requests) <= 2 and [r[0] for r in server.requests].count("500") <= 1
 
 
 def test_a_permanent_transport_fault_is_not_retried(tmp_path, monkeypatch):
